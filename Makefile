@@ -1,0 +1,55 @@
+# Two commands (README): `make test` and `make demo`. Everything else is a step of those two.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := build
+
+# Nothing of ours may leave this machine: DDS discovery stays on localhost, and each run uses a
+# domain of its own (tests give every test that starts processes a domain id of its own).
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export ROS_DOMAIN_ID ?= 42
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: test demo install build lint format bench constraints clean
+
+# The venv, with every version pinned by constraints.txt (ros-* wheels included).
+$(VENV)/.installed: requirements.txt requirements-build.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt \
+	  -r requirements.txt -r requirements-build.txt -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# CMake + rosidl into the venv, as colcon would lay it out (tools/build.sh says why not colcon).
+build: install
+	tools/build.sh $(VENV) $(BUILD)
+
+# Every test, against the installed package (run from test/ so the source tree cannot shadow it).
+test: build
+	cd test && ../$(VENV)/bin/pytest -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: build
+	$(PY) bench/run_all.py
+
+demo: build
+	@echo "make demo will record expert driving in the simulator, train a conv+LSTM bundle on it,"
+	@echo "drive the simulated MaLPi with it through the ROS graph, and compare it with the"
+	@echo "reset-every-frame ablation. It is not implemented yet (issue: the simulator and demo)."
+
+constraints: install
+	{ echo "# Every version make test installs, the ros-* wheels included. Regenerate with"; \
+	  echo "# 'make constraints' after changing a requirements file (then review the diff)."; \
+	  $(PY) -m pip freeze | grep -v -E '^(malpi|-e )'; } > constraints.txt
+
+clean:
+	rm -rf $(BUILD) $(BUILD).*.log

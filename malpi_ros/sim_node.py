@@ -1,0 +1,14 @@
+"""Placeholder for the sim_node; the real node lands with its issue."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(args: list[str] | None = None) -> None:
+    print('sim_node: not implemented yet', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

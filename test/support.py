@@ -1,0 +1,79 @@
+"""Helpers for tests that start real processes on a ROS graph of their own.
+
+Every such test gets a ROS_DOMAIN_ID nobody else in this session uses and localhost-only
+discovery, so tests never see each other and nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+VENV = Path(sys.prefix)
+NODE_DIR = VENV / 'lib' / 'malpi_ros'
+SHARE_DIR = VENV / 'share' / 'malpi_ros'
+REPO = Path(__file__).resolve().parents[1]
+
+# Domain ids 1..100 (Fast DDS's safe range); start at an offset from the pid so that two test
+# sessions on one machine are unlikely to share ids, and skip the Makefile's own id.
+_domain_ids = itertools.cycle(
+    [d for d in range(1, 101) if str(d) != os.environ.get('ROS_DOMAIN_ID')]
+)
+for _ in range(os.getpid() % 97):
+    next(_domain_ids)
+
+
+def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
+    """An environment for a child process: own domain, localhost discovery, venv on PATH."""
+    env = dict(os.environ)
+    env['ROS_DOMAIN_ID'] = str(next(_domain_ids) if domain_id is None else domain_id)
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env['PATH'] = f'{VENV / "bin"}{os.pathsep}{env.get("PATH", "")}'
+    env['PYTHONUNBUFFERED'] = '1'
+    env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def running(
+    cmd: list[str], env: dict[str, str], log: Path | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """Run a process for the duration of a with-block; SIGINT, then kill, on the way out."""
+    out = log.open('w') if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+        if log is not None:
+            out.close()
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> int:
+    """Ask a process to stop as Ctrl-C would, and kill it if it does not; returns its code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll until predicate() is true or timeout seconds pass; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,57 @@
+"""The package is installed the way colcon lays it out, and tests see that install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import NODE_DIR, REPO, SHARE_DIR, VENV, ros_env
+
+import malpi_ros
+
+
+def test_tests_import_the_installed_package_not_the_sources():
+    installed = Path(malpi_ros.__file__).resolve()
+    assert VENV.resolve() in installed.parents, installed
+    assert REPO / 'malpi_ros' not in installed.parents
+
+
+def test_generated_message_lives_beside_our_sources():
+    from malpi_ros.errors import MalpiError
+    from malpi_ros.msg import PolicyOutput
+
+    msg = PolicyOutput(action=3, action_name='right', probabilities=[0.1, 0.9])
+    assert msg.action_name == 'right'
+    assert issubclass(MalpiError, Exception)
+
+
+@pytest.mark.parametrize('exe', ['policy_node', 'motor_driver_node', 'sim_node', 'malpi-ros'])
+def test_executables_are_where_ros2_run_looks(exe):
+    path = NODE_DIR / exe
+    assert path.is_file(), f'{path} missing'
+    assert path.stat().st_mode & 0o111, f'{path} not executable'
+    assert path.read_text().startswith('#!/usr/bin/env python3')
+
+
+def test_share_holds_package_xml_launch_and_config():
+    assert (SHARE_DIR / 'package.xml').is_file()
+    assert list((SHARE_DIR / 'launch').glob('*.launch.py'))
+    assert list((SHARE_DIR / 'config').glob('*.yaml'))
+    index = VENV / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'malpi_ros'
+    assert index.is_file()
+
+
+def test_cli_entry_point_runs_from_the_install():
+    out = subprocess.run(
+        [str(NODE_DIR / 'malpi-ros'), '--help'],
+        env=ros_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert 'malpi-ros' in out.stdout
+    assert sys.executable  # the same venv interpreter runs the tests
