@@ -1,0 +1,1 @@
+"""One module per `malpi-ros` verb (see malpi_ros.cli)."""

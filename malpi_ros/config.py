@@ -1,0 +1,335 @@
+"""Configuration of the model, its preprocessing, the action table, the dataset and training.
+
+Frozen dataclasses, checked in ``__post_init__`` so a bad value fails where it is written, with
+a message that says what was received. They round-trip through plain dicts (``to_dict`` /
+``from_dict``) because the bundle's metadata JSON and the YAML config files carry them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from malpi_ros.errors import ConfigError
+
+T = TypeVar('T')
+
+NORMALIZATIONS = ('unit', 'standardize')
+ACTIVATIONS = ('relu', 'tanh', 'elu', 'linear', 'sigmoid')
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f'{name} must be > 0, got {value!r}')
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f'{name} must be >= 0, got {value!r}')
+
+
+def _int_at_least(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f'{name} must be an integer >= {low}, got {value!r}')
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One Conv2D layer: ``filters`` kernels of ``kernel``x``kernel`` at ``stride``."""
+
+    filters: int
+    kernel: int
+    stride: int
+
+    def __post_init__(self) -> None:
+        _int_at_least('conv filters', self.filters, 1)
+        _int_at_least('conv kernel', self.kernel, 1)
+        _int_at_least('conv stride', self.stride, 1)
+
+
+# The MaLPi model of the 2017 write-up: Conv 16@8x8/4, 32@4x4/2, 64@3x3/1.
+MALPI_CONVS = (ConvSpec(16, 8, 4), ConvSpec(32, 4, 2), ConvSpec(64, 3, 1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The conv+LSTM policy: input shape, conv stack, LSTM, and the number of actions."""
+
+    height: int = 120
+    width: int = 120
+    channels: int = 3
+    convs: tuple[ConvSpec, ...] = MALPI_CONVS
+    conv_activation: str = 'relu'
+    lstm_units: int = 128
+    # tanh, not the seed's relu: DESIGN §4 (the relu LSTM never learned the cue task).
+    lstm_activation: str = 'tanh'
+    num_actions: int = 5
+
+    def __post_init__(self) -> None:
+        _int_at_least('height', self.height, 1)
+        _int_at_least('width', self.width, 1)
+        if self.channels not in (1, 3):
+            raise ConfigError(f'channels must be 1 or 3, got {self.channels!r}')
+        convs = tuple(c if isinstance(c, ConvSpec) else ConvSpec(**c) for c in self.convs)
+        object.__setattr__(self, 'convs', convs)
+        _one_of('conv_activation', self.conv_activation, ACTIVATIONS)
+        _one_of('lstm_activation', self.lstm_activation, ACTIVATIONS)
+        _int_at_least('lstm_units', self.lstm_units, 1)
+        _int_at_least('num_actions', self.num_actions, 2)
+        h, w = self.height, self.width
+        for i, conv in enumerate(convs):
+            h, w = (h - conv.kernel) // conv.stride + 1, (w - conv.kernel) // conv.stride + 1
+            if h < 1 or w < 1:
+                raise ConfigError(
+                    f'conv {i} ({conv.filters}@{conv.kernel}x{conv.kernel}/{conv.stride}) leaves '
+                    f'no pixels of a {self.height}x{self.width} input'
+                )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a decoded RGB uint8 frame becomes model input; the same for training and robot.
+
+    The crop is given as fractions of the source frame (so it means the same at any camera
+    resolution) and is applied before the resize to ``height`` x ``width``.
+    """
+
+    height: int = 120
+    width: int = 120
+    channels: int = 3
+    crop_top: float = 0.0
+    crop_bottom: float = 0.0
+    crop_left: float = 0.0
+    crop_right: float = 0.0
+    normalization: str = 'unit'
+
+    def __post_init__(self) -> None:
+        _int_at_least('preprocess height', self.height, 1)
+        _int_at_least('preprocess width', self.width, 1)
+        if self.channels not in (1, 3):
+            raise ConfigError(f'preprocess channels must be 1 or 3, got {self.channels!r}')
+        for name in ('crop_top', 'crop_bottom', 'crop_left', 'crop_right'):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+                raise ConfigError(f'{name} must be a fraction in [0, 1), got {value!r}')
+        if self.crop_top + self.crop_bottom >= 1.0 or self.crop_left + self.crop_right >= 1.0:
+            raise ConfigError(
+                'crop leaves nothing of the frame: '
+                f'top+bottom={self.crop_top + self.crop_bottom}, '
+                f'left+right={self.crop_left + self.crop_right}'
+            )
+        _one_of('normalization', self.normalization, NORMALIZATIONS)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One discrete action and the command it stands for (m/s, rad/s)."""
+
+    name: str
+    linear_x: float
+    angular_z: float
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigError(f'action name must be a non-empty string, got {self.name!r}')
+        for attr in ('linear_x', 'angular_z'):
+            value = getattr(self, attr)
+            if not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ConfigError(f'action {self.name}: {attr} must be finite, got {value!r}')
+
+
+MALPI_ACTIONS = (
+    Action('stop', 0.0, 0.0),
+    Action('forward', 0.3, 0.0),
+    Action('left', 0.2, 1.0),
+    Action('right', 0.2, -1.0),
+    Action('backward', -0.2, 0.0),
+)
+
+
+@dataclass(frozen=True)
+class ActionTable:
+    """The policy's discrete actions and how recorded commands map onto them.
+
+    Commands are compared in a normalized space (linear / ``max_linear``, angular /
+    ``max_angular``); a command whose normalized length is below ``dead_zone`` is "no command"
+    and maps to the action named ``stop_action``.
+    """
+
+    actions: tuple[Action, ...] = MALPI_ACTIONS
+    max_linear: float = 0.3
+    max_angular: float = 1.0
+    dead_zone: float = 0.1
+    stop_action: str = 'stop'
+
+    def __post_init__(self) -> None:
+        actions = tuple(a if isinstance(a, Action) else Action(**a) for a in self.actions)
+        object.__setattr__(self, 'actions', actions)
+        if len(actions) < 2:
+            raise ConfigError(f'the action table needs at least 2 actions, got {len(actions)}')
+        names = [a.name for a in actions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f'action names must be unique, got {names}')
+        if self.stop_action not in names:
+            raise ConfigError(f'stop_action {self.stop_action!r} is not an action in {names}')
+        _positive('max_linear', self.max_linear)
+        _positive('max_angular', self.max_angular)
+        _non_negative('dead_zone', self.dead_zone)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.actions)
+
+    @property
+    def stop_index(self) -> int:
+        return self.names.index(self.stop_action)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """How recordings become labelled episodes and training windows (DESIGN §4).
+
+    ``lag``: a frame is labelled with the latest command at or before ``stamp + lag``.
+    ``cmd_timeout``: a frame whose latest command is older than this is ``stale``; it is
+    labelled ``stop`` (``stale='stop'``) or dropped (``stale='drop'``).
+    ``gap``: a pause between frames longer than this starts a new episode.
+    ``seq_len`` / ``stride``: windows of that many frames, started every ``stride`` frames.
+    ``burn_in``: the first ``burn_in`` steps of each window carry no loss, so the LSTM state
+    is warmed up before it is judged (a window is ``burn_in + seq_len`` frames long).
+    """
+
+    lag: float = 0.0
+    cmd_timeout: float = 0.5
+    stale: str = 'stop'
+    gap: float = 1.0
+    seq_len: int = 10
+    stride: int = 5
+    burn_in: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lag, int | float) and math.isfinite(self.lag)):
+            raise ConfigError(f'lag must be a finite number of seconds, got {self.lag!r}')
+        _positive('cmd_timeout', self.cmd_timeout)
+        _one_of('stale', self.stale, ('stop', 'drop'))
+        _positive('gap', self.gap)
+        _int_at_least('seq_len', self.seq_len, 1)
+        _int_at_least('stride', self.stride, 1)
+        _int_at_least('burn_in', self.burn_in, 0)
+
+    @property
+    def window(self) -> int:
+        return self.burn_in + self.seq_len
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings; defaults are the recipe the memory tests pass with (DESIGN §4)."""
+
+    epochs: int = 30
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    patience: int = 10
+    class_weighting: bool = True
+
+    def __post_init__(self) -> None:
+        _int_at_least('epochs', self.epochs, 1)
+        _int_at_least('batch_size', self.batch_size, 1)
+        _positive('learning_rate', self.learning_rate)
+        if not (isinstance(self.val_fraction, int | float) and 0.0 <= self.val_fraction < 1.0):
+            raise ConfigError(f'val_fraction must be in [0, 1), got {self.val_fraction!r}')
+        _int_at_least('seed', self.seed, 0)
+        _int_at_least('patience', self.patience, 1)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything that fixes how frames become actions: kept together in the bundle."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    actions: ActionTable = field(default_factory=ActionTable)
+
+    def __post_init__(self) -> None:
+        m, p = self.model, self.preprocess
+        if (p.height, p.width, p.channels) != (m.height, m.width, m.channels):
+            raise ConfigError(
+                f'preprocess output {p.height}x{p.width}x{p.channels} does not match the model '
+                f'input {m.height}x{m.width}x{m.channels}'
+            )
+        if m.num_actions != len(self.actions):
+            raise ConfigError(
+                f'model has {m.num_actions} outputs but the action table has '
+                f'{len(self.actions)} actions ({", ".join(self.actions.names)})'
+            )
+
+    @classmethod
+    def sized(
+        cls, height: int, width: int, channels: int = 3, **model_overrides: Any
+    ) -> PolicyConfig:
+        """A consistent config for another input size (tests, the simulator)."""
+        actions = model_overrides.pop('actions', ActionTable())
+        normalization = model_overrides.pop('normalization', 'unit')
+        return cls(
+            model=ModelConfig(
+                height=height,
+                width=width,
+                channels=channels,
+                num_actions=len(actions),
+                **model_overrides,
+            ),
+            preprocess=PreprocessConfig(
+                height=height, width=width, channels=channels, normalization=normalization
+            ),
+            actions=actions,
+        )
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of any config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config dataclass from a dict, nested configs included; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f'{cls.__name__} must be a mapping, got {type(data).__name__}')
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f'{cls.__name__}: unknown keys {unknown}; known: {sorted(fields)}')
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        nested = _NESTED.get((cls.__name__, name))
+        if nested is not None:
+            kwargs[name] = from_dict(nested, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f'{cls.__name__}: {err}') from err
+
+
+_NESTED: dict[tuple[str, str], type] = {
+    ('PolicyConfig', 'model'): ModelConfig,
+    ('PolicyConfig', 'preprocess'): PreprocessConfig,
+    ('PolicyConfig', 'actions'): ActionTable,
+}
