@@ -25,8 +25,9 @@ $(VENV)/.installed: requirements.txt requirements-build.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 # CMake + rosidl into the venv, as colcon would lay it out (tools/build.sh says why not colcon).
+# flock: several shells (or sessions) may build at once; one cmake at a time per tree.
 build: install
-	tools/build.sh $(VENV) $(BUILD)
+	flock $(BUILD).lock tools/build.sh $(VENV) $(BUILD)
 
 # Every test, against the installed package (run from test/ so the source tree cannot shadow it).
 test: build
@@ -52,4 +53,4 @@ constraints: install
 	  $(PY) -m pip freeze | grep -v -E '^(malpi|-e )'; } > constraints.txt
 
 clean:
-	rm -rf $(BUILD) $(BUILD).*.log
+	rm -rf $(BUILD) $(BUILD).*.log $(BUILD).lock

@@ -23,9 +23,5 @@ cmake -S "$src" -B "$build" \
   -DCMAKE_PROJECT_INCLUDE="$src/cmake/pip_ros_include_fix.cmake" \
   >"$build.configure.log" 2>&1 || { cat "$build.configure.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)" >"$build.build.log" 2>&1 || { tail -50 "$build.build.log"; exit 1; }
-# Sources removed from the tree must not linger in the venv from an earlier install.
-rm -rf "$venv/lib/malpi_ros"
-find "$venv"/lib/python3*/site-packages/malpi_ros -maxdepth 3 -name '*.py' -not -path '*/msg/*' \
-  -delete 2>/dev/null || true
 cmake --install "$build" >"$build.install.log" 2>&1 || { cat "$build.install.log"; exit 1; }
 echo "malpi_ros installed into $venv"
