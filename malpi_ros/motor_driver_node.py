@@ -1,13 +1,244 @@
-"""Placeholder for the motor_driver_node; the real node lands with its issue."""
+"""motor_driver_node: ``cmd_vel`` in, two wheel throttles out, and the motors stopped when unsure.
+
+Example (no hardware): ``motor_driver_node --ros-args -p backend:=sim -p cmd_timeout:=0.3``
+
+The ROS glue around ``malpi_ros.motor`` (mixing, watchdog and backends live there, tested
+without ROS). Safety behaviour (DESIGN §5):
+
+- each ``cmd_vel`` (geometry_msgs/Twist) is mixed and applied at once;
+- a timer at ``watchdog_rate`` stops the motors when no ``cmd_vel`` came for ``cmd_timeout``
+  seconds (logged once per expiry; the motors stay stopped until the next command);
+- a failing backend is stopped and the error logged (throttled); the node keeps running and the
+  next command tries again - a dead driver would look like a robot that ignores commands;
+- SIGINT and SIGTERM stop the motors before the process exits with code 0; rclpy's own signal
+  handlers are not installed because they shut the context down inside the handler, before a
+  final stop could be published.
+
+With ``backend:=sim`` every applied command, stops included, is published on ``~/wheels`` as
+``std_msgs/Float32MultiArray`` with ``data=[left, right]`` (throttles in [-1, 1]). That type was
+chosen because it is in std_msgs (any tool can echo or record it, no package of ours needed)
+and two throttles need no header: the simulator and tests only want their values and order.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import time
+from typing import Any
+
+import rclpy
+from geometry_msgs.msg import Twist
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.duration import Duration
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.logging import get_logger
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from std_msgs.msg import Float32MultiArray
+
+from malpi_ros.errors import ConfigError, MotorError
+from malpi_ros.motor import (
+    BACKENDS,
+    MotorBackend,
+    MotorConfig,
+    Watchdog,
+    drive,
+    halt,
+    make_backend,
+    mix,
+)
+
+NODE_NAME = 'motor_driver_node'
+ERROR_LOG_PERIOD = 2.0  # s between repeated backend-error logs
+FLUSH_TIMEOUT = 1.0  # s to wait for the final stop on ~/wheels to be acknowledged
+
+
+def _floats(low: float, high: float) -> dict[str, Any]:
+    return {'floating_point_range': [FloatingPointRange(from_value=low, to_value=high)]}
+
+
+def _ints(low: int, high: int) -> dict[str, Any]:
+    return {'integer_range': [IntegerRange(from_value=low, to_value=high, step=1)]}
+
+
+_DEFAULTS = MotorConfig()
+
+# name -> (default, description, range); read once at start into MotorConfig.
+PARAMETERS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    'backend': ('motorkit', f'motor backend: {" | ".join(BACKENDS)}', {}),
+    'track_width': (
+        _DEFAULTS.track_width,
+        'distance between the wheel tracks (m)',
+        _floats(0.01, 2.0),
+    ),
+    'max_wheel_speed': (
+        _DEFAULTS.max_wheel_speed,
+        'ground speed of a wheel at throttle 1.0 (m/s)',
+        _floats(0.01, 10.0),
+    ),
+    'max_linear': (
+        _DEFAULTS.max_linear,
+        'cmd_vel linear.x is clamped to this (m/s)',
+        _floats(0.01, 10.0),
+    ),
+    'max_angular': (
+        _DEFAULTS.max_angular,
+        'cmd_vel angular.z is clamped to this (rad/s)',
+        _floats(0.01, 20.0),
+    ),
+    'deadband': (
+        _DEFAULTS.deadband,
+        'throttles below this magnitude become 0 (motors stall)',
+        _floats(0.0, 0.99),
+    ),
+    'cmd_timeout': (
+        _DEFAULTS.cmd_timeout,
+        'stop the motors when no cmd_vel came for this long (s)',
+        _floats(0.05, 10.0),
+    ),
+    'invert_left': (_DEFAULTS.invert_left, 'the left motor is wired backwards', {}),
+    'invert_right': (_DEFAULTS.invert_right, 'the right motor is wired backwards', {}),
+    'left_channel': (
+        _DEFAULTS.left_channel,
+        'Motor HAT terminal of the left motor (M1..M4)',
+        _ints(1, 4),
+    ),
+    'right_channel': (
+        _DEFAULTS.right_channel,
+        'Motor HAT terminal of the right motor (M1..M4)',
+        _ints(1, 4),
+    ),
+    'watchdog_rate': (20.0, 'how often the cmd_vel timeout is checked (Hz)', _floats(1.0, 200.0)),
+}
+
+
+class MotorDriverNode(Node):
+    """Subscribes ``cmd_vel``, drives the motor backend, stops it on timeout and on close()."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        values = {name: self._declare(name, *spec) for name, spec in PARAMETERS.items()}
+        backend_name = values.pop('backend')
+        rate = values.pop('watchdog_rate')
+        self.cfg = MotorConfig(**values)
+        self._watchdog = Watchdog(self.cfg.cmd_timeout)
+        self._halted = False  # True once the watchdog stop went through; reset by a command
+        self.errors = 0
+
+        # reliable depth 10: tests and the simulator must see every applied command, stops too.
+        self._wheels = self.create_publisher(Float32MultiArray, '~/wheels', 10)
+        on_apply = self._publish_wheels if backend_name == 'sim' else None
+        # Public so a test or an embedding process can wrap it (e.g. to inject faults).
+        self.backend: MotorBackend = make_backend(backend_name, self.cfg, on_apply)
+
+        # Reliable (what teleop, nav2 and our policy_node publish), depth 1: only the newest
+        # command may move the motors; a queue of older ones would replay stale intent.
+        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        self.create_subscription(Twist, 'cmd_vel', self._on_cmd_vel, qos)
+        self.create_timer(1.0 / rate, self._on_tick)
+        self.get_logger().info(
+            f'backend {backend_name}, cmd_timeout {self.cfg.cmd_timeout} s, limits '
+            f'{self.cfg.max_linear} m/s {self.cfg.max_angular} rad/s; waiting for cmd_vel'
+        )
+
+    def _declare(self, name: str, default: Any, description: str, extra: dict[str, Any]) -> Any:
+        """Declare one parameter and return its value; a rejected value names the parameter."""
+        try:
+            param = self.declare_parameter(
+                name, default, ParameterDescriptor(description=description, **extra)
+            )
+        except ParameterException as err:
+            raise ConfigError(f'parameter {name}: {err}') from err
+        return param.value
+
+    def _publish_wheels(self, left: float, right: float) -> None:
+        self._wheels.publish(Float32MultiArray(data=[left, right]))
+
+    def _report(self, err: MotorError) -> None:
+        self.errors += 1
+        self.get_logger().error(
+            f'{err} ({self.errors} motor errors so far)', throttle_duration_sec=ERROR_LOG_PERIOD
+        )
+
+    def _on_cmd_vel(self, msg: Twist) -> None:
+        self._watchdog.feed(time.monotonic())
+        left, right = mix(msg.linear.x, msg.angular.z, self.cfg)
+        try:
+            drive(self.backend, left, right)
+        except MotorError as err:
+            self._report(err)
+            return
+        self._halted = False
+
+    def _on_tick(self) -> None:
+        if self._halted or not self._watchdog.expired(time.monotonic()):
+            return
+        try:
+            halt(self.backend)
+        except MotorError as err:
+            self._report(err)  # not halted: the next tick tries again
+            return
+        self._halted = True
+        if self._watchdog.last_feed is None:
+            self.get_logger().info('motors stopped until the first cmd_vel')
+        else:
+            self.get_logger().warning(f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped')
+
+    def close(self) -> None:
+        """Stop and release the motors; the final stop on ~/wheels is flushed before return."""
+        try:
+            halt(self.backend)
+        except MotorError as err:
+            self._report(err)
+        if self.context.ok():
+            # The process exits right after this: wait until subscribers acknowledged the stop.
+            self._wheels.wait_for_all_acked(Duration(seconds=FLUSH_TIMEOUT))
+        try:
+            self.backend.close()
+        except Exception as err:  # closing is best effort; the stop above is what matters
+            self.get_logger().error(f'closing the motor backend failed: {err}')
 
 
 def main(args: list[str] | None = None) -> None:
-    print('motor_driver_node: not implemented yet', file=sys.stderr)
-    sys.exit(2)
+    """Run the driver until SIGINT/SIGTERM; exit 2 on bad parameters or a missing backend."""
+    stop = threading.Event()
+    received: list[str] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        node = MotorDriverNode()
+    except (ConfigError, MotorError) as err:
+        get_logger(NODE_NAME).fatal(str(err))
+        rclpy.try_shutdown()
+        sys.exit(2)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        # Python runs signal handlers between bytecodes, so spin in short slices and look at the
+        # flag; the watchdog timer wakes the executor at least every 1/watchdog_rate anyway.
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+    except ExternalShutdownException:
+        pass
+    finally:
+        # A second Ctrl-C during the stop ends the process the hard way.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            node.get_logger().info(f'{received[0]}: stopping the motors and exiting')
+        node.close()  # also after an external shutdown: real motors must stop regardless
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
 
 
 if __name__ == '__main__':
