@@ -39,8 +39,9 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
+# Each benchmark prints its own table of ratios against the reference route, measured in one run.
 bench: build
-	$(PY) bench/run_all.py
+	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 demo: build
 	@echo "make demo will record expert driving in the simulator, train a conv+LSTM bundle on it,"
