@@ -150,9 +150,17 @@ class Policy:
 
     def step(self, rgb: np.ndarray) -> StepResult:
         """Preprocess an RGB uint8 frame (any size), run one step, keep the state, pick."""
+        start = time.perf_counter()
+        return self._step(image.preprocess(rgb, self._config.preprocess), start)
+
+    def step_fitted(self, fitted: np.ndarray) -> StepResult:
+        """Step on a frame already cropped and resized by ``image.fit_frame`` (cached training
+        frames): only ``image.normalize`` remains, so the input equals ``step``'s bit for bit."""
+        start = time.perf_counter()
+        return self._step(image.normalize(fitted, self._config.preprocess), start)
+
+    def _step(self, frame: np.ndarray, start: float) -> StepResult:
         with self._step_lock:
-            start = time.perf_counter()
-            frame = image.preprocess(rgb, self._config.preprocess)
             with self._state_lock:
                 h, c, generation, steps = self._h, self._c, self._generation, self._steps
             # Outside the state lock: a reset never waits for the model. Arrays are never

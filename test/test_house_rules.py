@@ -27,7 +27,14 @@ ROS_MODULES = (
     'malpi_ros.msg',
 )
 # Modules that build, convert, train or run Keras/TensorFlow models; nothing else imports it.
-TF_MODULES = {'model.py', 'runtime_keras.py', 'export.py', 'train.py', 'pipeline.py'}
+TF_MODULES = {
+    'model.py',
+    'runtime_keras.py',
+    'export.py',
+    'train.py',
+    'pipeline.py',
+    'sequence_runtime.py',
+}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

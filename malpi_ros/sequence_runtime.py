@@ -1,0 +1,73 @@
+"""The sequence model run over whole episodes: the reference the step runtimes are checked against.
+
+Training fits the stateless sequence model; the robot steps a separate runtime with the state
+held outside. On the same frames, stepping from a zero state must reproduce the sequence model's
+outputs (DESIGN §2, "parity is the contract"); ``evaluate`` checks that on recorded data with
+``SequenceModel.probabilities``. TensorFlow is imported here, so ``evaluate`` imports this module
+only when the check is asked for.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from malpi_ros.config import ModelConfig, PreprocessConfig
+from malpi_ros.errors import BundleError, ConfigError
+from malpi_ros.image import normalize
+from malpi_ros.model import load_sequence_model
+
+RESET_BATCH = 256  # one-frame sequences per call when every frame starts from a zero state
+
+
+class SequenceModel:
+    """A bundle's ``model.keras``, called directly on (1, T, H, W, C) or (B, 1, H, W, C)."""
+
+    def __init__(self, model: object, model_cfg: ModelConfig) -> None:
+        self.model = model
+        self.cfg = model_cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path, model_cfg: ModelConfig) -> SequenceModel:
+        """Load in safe mode (no code from the file) and check it matches the config."""
+        try:
+            model = load_sequence_model(str(path), model_cfg)
+        except ConfigError as err:
+            raise BundleError(f'{path}: model does not match the bundle config: {err}') from err
+        except (ValueError, OSError, TypeError, zipfile.BadZipFile) as err:
+            raise BundleError(f'{path}: cannot load the Keras model: {err}') from err
+        return cls(model, model_cfg)
+
+    def probabilities(
+        self,
+        frames: np.ndarray,
+        preprocess_cfg: PreprocessConfig,
+        *,
+        reset_every_frame: bool = False,
+    ) -> np.ndarray:
+        """float32 (N, actions) for N fitted uint8 frames (N, h, w, c) of one episode.
+
+        Normalized with ``image.normalize``, the function the robot applies. By default the
+        episode is ONE sequence from a zero state (the memory: ~N x H x W x C float32 at once);
+        ``reset_every_frame`` makes every frame a sequence of its own (the no-memory ablation).
+        The model is called directly, not through ``predict()`` (DESIGN §2).
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[1:] != self.cfg.input_shape:
+            raise ConfigError(
+                f'expected frames of shape (N, {", ".join(map(str, self.cfg.input_shape))}), '
+                f'got {frames.shape}'
+            )
+        if len(frames) == 0:
+            return np.zeros((0, self.cfg.num_actions), np.float32)
+        if not reset_every_frame:
+            x = normalize(frames, preprocess_cfg)[np.newaxis]
+            return np.asarray(self.model(tf.constant(x), training=False)[0], np.float32)
+        out = []
+        for start in range(0, len(frames), RESET_BATCH):
+            x = normalize(frames[start : start + RESET_BATCH], preprocess_cfg)[:, np.newaxis]
+            out.append(np.asarray(self.model(tf.constant(x), training=False)[:, 0], np.float32))
+        return np.concatenate(out)
