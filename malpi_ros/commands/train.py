@@ -1,0 +1,185 @@
+"""malpi-ros train my_drive_bag/ [more_bags ...] --out bundles/malpi_v1 [--config train.yaml]
+
+Train the conv+LSTM policy on recordings of a person driving (camera + cmd_vel) and write a
+model bundle the robot loads. Inside the bundle, beside the model files: history.csv,
+learning_curves.png, confusion.png (validation) and summary.txt. Nothing is written at --out
+unless training succeeds; an existing bundle there is replaced only then.
+
+Topics are found by type (Image/CompressedImage, Twist/TwistStamped) unless named. Decoded,
+resized uint8 frames are cached in --cache-dir (default: BUNDLE.cache beside the bundle) so a
+second run skips decoding and a recording larger than RAM trains.
+
+--config FILE.yaml holds the sections model, preprocess, actions, dataset and train (the
+fields of malpi_ros.config; see config/train_example.yaml); flags given on the command line
+override it. Sizes given in only one of model/preprocess apply to both.
+
+Defaults are those of malpi_ros.config. The memory recipe (DESIGN §4; the values of
+config/train_example.yaml, what the memory test trains with): per-frame standardized input;
+windows of burn-in 10 + seq-len 10 frames, stride 5 (loss only after the burn-in, so the LSTM
+is judged once its state is warm); Adam lr 3e-4 with clipnorm 1, batch 8; up to 30 epochs,
+early stopping on val_loss with patience 10 that cannot act before epoch 10 (--min-epochs:
+learning to remember starts with a plateau); 20% of the episodes held out for validation;
+class weights from the training labels, capped at 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from malpi_ros.config import (
+    ActionTable,
+    DatasetConfig,
+    ModelConfig,
+    PolicyConfig,
+    PreprocessConfig,
+    TrainConfig,
+    from_dict,
+)
+from malpi_ros.errors import ConfigError
+
+SECTIONS = ('model', 'preprocess', 'actions', 'dataset', 'train')
+SIZE_KEYS = ('height', 'width', 'channels')
+# Settings of train() that are not TrainConfig fields (yet); the train: section may hold them.
+TRAIN_EXTRAS = ('min_epochs', 'class_weight_cap')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('bags', nargs='+', metavar='BAG', help='rosbag2 directory or .mcap file')
+    parser.add_argument('--out', required=True, type=Path, metavar='BUNDLE', help='bundle dir')
+    parser.add_argument('--config', type=Path, metavar='FILE.yaml', help='settings file')
+    parser.add_argument('--image-topic', help='camera topic (default: the one image topic)')
+    parser.add_argument('--cmd-topic', help='command topic (default: the one Twist topic)')
+    parser.add_argument('--cache-dir', type=Path, help='frame cache (default: BUNDLE.cache)')
+    parser.add_argument('--no-cache', action='store_true', help='keep frames in memory only')
+    group = parser.add_argument_group('overrides of the config file')
+    group.add_argument('--epochs', type=int)
+    group.add_argument('--batch-size', type=int)
+    group.add_argument('--lr', type=float, dest='learning_rate', help='Adam learning rate')
+    group.add_argument('--val-fraction', type=float, help='share of frames held out, by episode')
+    group.add_argument('--seed', type=int)
+    group.add_argument('--patience', type=int, help='early stopping patience (epochs)')
+    group.add_argument('--min-epochs', type=int, help='no early stop before this epoch')
+    group.add_argument(
+        '--no-class-weights',
+        action='store_false',
+        dest='class_weighting',
+        default=None,
+        help='do not weight rare actions up',
+    )
+    group.add_argument('--seq-len', type=int, help='scored steps per window')
+    group.add_argument('--burn-in', type=int, help='unscored warm-up steps per window')
+    group.add_argument('--stride', type=int, help='frames between window starts')
+    group.add_argument('--height', type=int, help='model input height')
+    group.add_argument('--width', type=int, help='model input width')
+    parser.add_argument(
+        '--verbose', type=int, choices=(0, 1, 2), help='Keras output (default: 1 on a terminal)'
+    )
+
+
+def read_config_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    """The sections of a YAML settings file ({} for each absent one); unknown ones are errors."""
+    if path is None:
+        return {name: {} for name in SECTIONS}
+    import yaml  # only --config needs it
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f'cannot read config {path}: {err}') from err
+    if not isinstance(data, dict):
+        raise ConfigError(f'config {path} must be a mapping, got {type(data).__name__}')
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f'config {path}: unknown sections {unknown}; known: {list(SECTIONS)}')
+    sections = {}
+    for name in SECTIONS:
+        value = data.get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f'config {path}: section {name} must be a mapping, got {value!r}')
+        sections[name] = dict(value)
+    return sections
+
+
+def build_configs(
+    sections: dict[str, dict[str, Any]], overrides: dict[str, Any], where: str = 'config'
+) -> tuple[PolicyConfig, DatasetConfig, TrainConfig, dict[str, Any]]:
+    """Policy, dataset and train configs from file sections plus command-line overrides.
+
+    Returns also the train() keywords that are not TrainConfig fields (``TRAIN_EXTRAS``).
+    """
+    model = dict(sections['model'])
+    preprocess = dict(sections['preprocess'])
+    for key in ('height', 'width'):
+        if overrides.get(key) is not None:
+            model[key] = preprocess[key] = overrides[key]
+    for key in SIZE_KEYS:  # one side given: the other follows
+        if key in model and key not in preprocess:
+            preprocess[key] = model[key]
+        elif key in preprocess and key not in model:
+            model[key] = preprocess[key]
+    dataset = dict(sections['dataset'])
+    for key in ('seq_len', 'burn_in', 'stride'):
+        if overrides.get(key) is not None:
+            dataset[key] = overrides[key]
+    train = dict(sections['train'])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    extras = {k: train.pop(k) for k in TRAIN_EXTRAS if k in train and k not in fields}
+    for key in (
+        'epochs',
+        'batch_size',
+        'learning_rate',
+        'val_fraction',
+        'seed',
+        'patience',
+        'class_weighting',
+    ):
+        if overrides.get(key) is not None:
+            train[key] = overrides[key]
+    if overrides.get('min_epochs') is not None:
+        if 'min_epochs' in fields:
+            train['min_epochs'] = overrides['min_epochs']
+        else:
+            extras['min_epochs'] = overrides['min_epochs']
+    try:
+        actions = from_dict(ActionTable, sections['actions'])
+        model.setdefault('num_actions', len(actions))
+        policy = PolicyConfig(
+            model=from_dict(ModelConfig, model),
+            preprocess=from_dict(PreprocessConfig, preprocess),
+            actions=actions,
+        )
+        return policy, from_dict(DatasetConfig, dataset), from_dict(TrainConfig, train), extras
+    except ConfigError as err:
+        raise ConfigError(f'{where}: {err}') from err
+
+
+def run(args: argparse.Namespace) -> int:
+    from malpi_ros.train import train  # TensorFlow: only when training
+
+    where = str(args.config) if args.config is not None else 'settings'
+    policy, dataset, train_cfg, extras = build_configs(
+        read_config_file(args.config), vars(args), where
+    )
+    if args.no_cache:
+        cache_dir = None
+    elif args.cache_dir is not None:
+        cache_dir = args.cache_dir
+    else:
+        cache_dir = args.out.with_name(args.out.name + '.cache')
+    result = train(
+        args.bags,
+        args.out,
+        policy,
+        dataset,
+        train_cfg,
+        image_topic=args.image_topic,
+        cmd_topic=args.cmd_topic,
+        cache_dir=cache_dir,
+        verbose=args.verbose,
+        **extras,
+    )
+    print(f'bundle written: {result.bundle}')
+    return 0

@@ -1,0 +1,426 @@
+"""Train a conv+LSTM policy from rosbag2 recordings and write it as a bundle (DESIGN §1-§4).
+
+Steps: ``dataset.load_recordings`` (decode and fit every frame once, uint8, cached on disk),
+split by episode (no validation frame is ever trained on), class weights from the training
+labels, ``pipeline.make_dataset`` (the robot's ``image.normalize`` on every batch), fit the
+sequence model, restore the best epoch, then score the validation windows and write the bundle
+atomically — with ``history.csv``, ``learning_curves.png``, ``confusion.png`` and
+``summary.txt`` inside it. Nothing is written at ``out`` unless the whole run succeeds, and an
+existing bundle there is replaced only then.
+
+Early stopping watches ``val_loss`` but never before ``min_epochs``: learning to remember starts
+with a long plateau (DESIGN §4) that must not look like convergence.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from malpi_ros import plots
+from malpi_ros.bundle import METADATA_FILE, save_bundle
+from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
+from malpi_ros.dataset import (
+    Episode,
+    Recordings,
+    Split,
+    load_recordings,
+    split_by_episode,
+    windows,
+)
+from malpi_ros.errors import ConfigError, DatasetError
+from malpi_ros.model import build_sequence_model
+from malpi_ros.pipeline import WindowSource, class_weights, make_dataset
+
+# Not (yet) fields of TrainConfig; train() takes them as keywords.
+MIN_EPOCHS = 10  # early stopping cannot act before this epoch (the memory plateau, DESIGN §4)
+CLASS_WEIGHT_CAP = 10.0  # the rarest action weighs at most this many times the most common
+CLIPNORM = 1.0
+
+HISTORY_FILE = 'history.csv'
+CURVES_FILE = 'learning_curves.png'
+CONFUSION_FILE = 'confusion.png'
+SUMMARY_FILE = 'summary.txt'
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The recordings cut for training: split, windows and class weights."""
+
+    recordings: Recordings
+    split: Split
+    train: WindowSource
+    val: WindowSource | None  # None: no validation (val_fraction 0, or no window fits)
+    weights: np.ndarray
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the bundle and what is in its summary."""
+
+    bundle: Path
+    history: dict[str, list[float]]
+    metrics: dict[str, Any]
+    summary: str
+    confusion: np.ndarray = field(repr=False)
+    seconds: float = 0.0
+
+
+def prepare(
+    recordings: Recordings,
+    policy: PolicyConfig,
+    train_cfg: TrainConfig,
+    *,
+    class_weight_cap: float = CLASS_WEIGHT_CAP,
+) -> Prepared:
+    """Split by episode, window both sides, and weight the classes of the training labels."""
+    cfg = recordings.dataset
+    split = split_by_episode(recordings.episodes, train_cfg.val_fraction, train_cfg.seed)
+    notes = [split.note]
+    train_index = windows(split.train, cfg)
+    if len(train_index) == 0:
+        raise DatasetError(
+            f'no training window of {cfg.window} frames left after holding out validation '
+            f'episodes ({split.note}); record longer drives or lower --val-fraction'
+        )
+    num_actions = len(policy.actions)
+
+    def source(
+        episodes: Sequence[Episode], index: np.ndarray, weights: np.ndarray
+    ) -> WindowSource:
+        return WindowSource(
+            episodes, index, cfg.window, cfg.burn_in, recordings.preprocess, weights
+        )
+
+    weights = np.ones(num_actions, np.float32)
+    if train_cfg.class_weighting:
+        # From the labels that carry loss: what the optimizer actually sees.
+        loss_labels = source(split.train, train_index, weights).loss_labels()
+        weights = class_weights(loss_labels, num_actions, class_weight_cap)
+    train_source = source(split.train, train_index, weights)
+    val_source = None
+    if split.val:
+        val_index = windows(split.val, cfg)
+        if len(val_index):
+            val_source = source(split.val, val_index, weights)
+        else:
+            notes.append(
+                f'validation episodes are shorter than a window of {cfg.window} frames: '
+                'training without validation'
+            )
+    return Prepared(recordings, split, train_source, val_source, weights, tuple(notes))
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch (lowest ``monitor``) and restores them at the end.
+
+    In memory, not a file: the bundle is the only checkpoint that leaves the process, and it
+    is written atomically after training.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.best = math.inf
+        self.best_epoch = -1
+        self.weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = float(value), epoch
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+    """Adam with gradient clipping (an LSTM's gradients spike when it starts to remember);
+    weighted accuracy, so burn-in steps (weight 0) do not count."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=CLIPNORM),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        weighted_metrics=['accuracy'],
+    )
+    return model
+
+
+def predict_windows(model: keras.Model, source: WindowSource, batch_size: int) -> np.ndarray:
+    """int (N, W) argmax actions of the sequence model on every window of ``source``."""
+    out = []
+    for start in range(0, len(source), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(source)))
+        x, _, _ = source.batch(rows)
+        out.append(np.argmax(np.asarray(model(x, training=False)), axis=-1))
+    return np.concatenate(out) if out else np.zeros((0, source.window), np.int64)
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_actions: int) -> np.ndarray:
+    """int64 (A, A): rows true action, columns predicted."""
+    true, pred = np.asarray(true).reshape(-1), np.asarray(pred).reshape(-1)
+    return np.bincount(true * num_actions + pred, minlength=num_actions**2).reshape(
+        num_actions, num_actions
+    )
+
+
+def per_class(matrix: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """precision, recall and support per action (None where undefined: JSON has no NaN)."""
+    result = {}
+    for i, name in enumerate(names):
+        tp = int(matrix[i, i])
+        predicted, support = int(matrix[:, i].sum()), int(matrix[i].sum())
+        result[name] = {
+            'precision': tp / predicted if predicted else None,
+            'recall': tp / support if support else None,
+            'support': support,
+        }
+    return result
+
+
+def _finite(value: Any) -> Any:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _read_history(path: Path) -> dict[str, list[float]]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    keys = [k for k in (rows[0] if rows else {}) if k != 'epoch']
+    return {k: [float(r[k]) for r in rows] for k in keys}
+
+
+def train(
+    bags: Sequence[str | Path],
+    out: str | Path,
+    policy: PolicyConfig | None = None,
+    dataset: DatasetConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    *,
+    image_topic: str | None = None,
+    cmd_topic: str | None = None,
+    cache_dir: str | Path | None = None,
+    min_epochs: int = MIN_EPOCHS,
+    class_weight_cap: float = CLASS_WEIGHT_CAP,
+    verbose: int | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train on ``bags`` and write the bundle at ``out``; see the module docstring.
+
+    ``verbose``: Keras' (1 progress bar, 2 a line per epoch, 0 silent); default 1 on a
+    terminal, 2 otherwise. Raises BagError/DatasetError naming the bag and topic for bad input,
+    before anything is written.
+    """
+    policy = policy or PolicyConfig()
+    dataset = dataset or DatasetConfig()
+    train_cfg = train_cfg or TrainConfig()
+    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
+        raise ConfigError(f'min_epochs must be an integer >= 0, got {min_epochs!r}')
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    out = Path(out)
+    started = time.perf_counter()
+    bag_paths = [Path(b) for b in bags]
+    if any(out.resolve() == b.resolve() for b in bag_paths):
+        raise ConfigError(f'--out {out} is one of the input bags; training never writes there')
+    if out.exists() and not (
+        out.is_dir() and (not any(out.iterdir()) or (out / METADATA_FILE).is_file())
+    ):
+        # save_bundle refuses too, but only after training: say it before spending the time.
+        raise ConfigError(f'--out {out} exists and is not a bundle; not replacing it')
+    recordings = load_recordings(
+        bag_paths, policy.preprocess, dataset, policy.actions, image_topic, cmd_topic, cache_dir
+    )
+    if not (math.isfinite(recordings.dt) and recordings.dt > 0):
+        raise DatasetError(
+            f'cannot measure the frame period of {", ".join(map(str, bag_paths))}: '
+            f'got dt={recordings.dt}'
+        )
+    log(recordings.describe())
+    prepared = prepare(recordings, policy, train_cfg, class_weight_cap=class_weight_cap)
+    names = policy.actions.names
+    log('\n'.join(prepared.notes))
+    log(
+        'class weights: '
+        + ', '.join(f'{n} {w:.2f}' for n, w in zip(names, prepared.weights, strict=True))
+    )
+
+    keras.utils.set_random_seed(train_cfg.seed)
+    model = compile_model(build_sequence_model(policy.model), train_cfg.learning_rate)
+    train_ds = make_dataset(
+        prepared.train, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed
+    )
+    val_ds = (
+        make_dataset(prepared.val, train_cfg.batch_size, shuffle=False)
+        if prepared.val is not None
+        else None
+    )
+    monitor = 'val_loss' if val_ds is not None else 'loss'
+    best = BestWeights(monitor)
+    with tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
+        staging = Path(staging_dir)
+        history_path = staging / HISTORY_FILE
+        fit_callbacks = [
+            best,
+            keras.callbacks.EarlyStopping(
+                monitor=monitor,
+                patience=train_cfg.patience,
+                start_from_epoch=min(min_epochs, train_cfg.epochs),
+            ),
+            keras.callbacks.CSVLogger(str(history_path)),
+            *callbacks,
+        ]
+        fit_started = time.perf_counter()
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=train_cfg.epochs,
+            callbacks=fit_callbacks,
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles itself, seeded
+        )
+        fit_seconds = time.perf_counter() - fit_started
+        history = _read_history(history_path)
+        scored = prepared.val if prepared.val is not None else prepared.train
+        scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
+        pred = predict_windows(model, scored, train_cfg.batch_size)
+        true = scored.labels(np.arange(len(scored)))
+        burn = dataset.burn_in
+        matrix = confusion_matrix(true[:, burn:], pred[:, burn:], len(names))
+        total = int(matrix.sum())
+        accuracy = float(np.trace(matrix) / total) if total else None
+        epochs_run = len(history.get('loss', []))
+        metrics = {
+            'scored_on': scored_name,
+            'accuracy': accuracy,
+            'best_epoch': best.best_epoch + 1,
+            'best_' + monitor: _finite(best.best) if best.weights is not None else None,
+            'epochs_run': epochs_run,
+            'per_class': per_class(matrix, names),
+            'confusion': matrix.tolist(),
+            'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
+            'train_windows': len(prepared.train),
+            'val_windows': len(prepared.val) if prepared.val is not None else 0,
+        }
+        for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+            if history.get(key) and best.best_epoch >= 0:
+                metrics[f'{key}_at_best'] = _finite(history[key][best.best_epoch])
+        seconds = time.perf_counter() - started
+        summary = _summary(prepared, policy, dataset, train_cfg, metrics, fit_seconds, seconds)
+        (staging / SUMMARY_FILE).write_text(summary)
+        plots.plot_history(history, staging / CURVES_FILE, title=f'{out.name}')
+        plots.plot_confusion(
+            matrix,
+            names,
+            staging / CONFUSION_FILE,
+            title=f'{out.name}: {scored_name} windows (after burn-in)',
+        )
+        sources = [
+            {
+                'path': r.bag,
+                'sha256': r.sha256,
+                'image_topic': r.topics.image_topic,
+                'cmd_topic': r.topics.cmd_topic,
+                'frames': r.frames,
+            }
+            for r in recordings.reports
+        ]
+        extra = {
+            'dataset': to_dict(dataset),
+            'train': {
+                **to_dict(train_cfg),
+                'min_epochs': min_epochs,
+                'class_weight_cap': class_weight_cap,
+                'clipnorm': CLIPNORM,
+            },
+            'split': prepared.split.note,
+            'notes': list(prepared.notes),
+        }
+        save_bundle(
+            out,
+            model,
+            policy,
+            dt=float(recordings.dt),
+            seq_len=dataset.window,
+            sources=sources,
+            metrics=json.loads(json.dumps(metrics)),
+            extra=extra,
+            extra_files={
+                name: staging / name
+                for name in (HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE)
+            },
+        )
+    log(summary)
+    return TrainResult(out, history, metrics, summary, matrix, time.perf_counter() - started)
+
+
+def _summary(
+    prepared: Prepared,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+    metrics: dict[str, Any],
+    fit_seconds: float,
+    seconds: float,
+) -> str:
+    rec = prepared.recordings
+    names = policy.actions.names
+    m = policy.model
+    lines = [
+        'malpi-ros train summary',
+        '',
+        'data:',
+        *(f'  {line}' for line in rec.describe().splitlines()),
+        f'  frame period dt: {rec.dt * 1000:.1f} ms',
+        '',
+        'split:',
+        *(f'  {note}' for note in prepared.notes),
+        f'  training: {len(prepared.split.train)} episodes, {len(prepared.train)} windows; '
+        f'validation: {len(prepared.split.val)} episodes, {metrics["val_windows"]} windows',
+        f'  window: {dataset.window} frames (burn-in {dataset.burn_in} without loss + '
+        f'{dataset.seq_len} scored), stride {dataset.stride}',
+        '',
+        'class weights (training labels after burn-in'
+        + (', capped)' if train_cfg.class_weighting else '; weighting off)')
+        + ':',
+        '  ' + ', '.join(f'{n} {w:.2f}' for n, w in zip(names, prepared.weights, strict=True)),
+        '',
+        'model:',
+        f'  input {m.height}x{m.width}x{m.channels} ({policy.preprocess.normalization}), convs '
+        + ', '.join(f'{c.filters}@{c.kernel}x{c.kernel}/{c.stride}' for c in m.convs)
+        + f', LSTM {m.lstm_units} ({m.lstm_activation}), {m.num_actions} actions',
+        f'  Adam lr {train_cfg.learning_rate:g} (clipnorm {CLIPNORM:g}), batch '
+        f'{train_cfg.batch_size}, seed {train_cfg.seed}',
+        '',
+        'training:',
+        f'  epochs run: {metrics["epochs_run"]} of {train_cfg.epochs}; best epoch '
+        f'{metrics["best_epoch"]} (weights restored from it)',
+        f'  fit time: {fit_seconds:.1f} s, total {seconds:.1f} s',
+    ]
+    for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+        value = metrics.get(f'{key}_at_best')
+        if value is not None:
+            lines.append(f'  {key} at best epoch: {value:.4f}')
+    lines += ['', f'scored on {metrics["scored_on"]} windows (steps after burn-in):']
+    acc = metrics['accuracy']
+    lines.append(f'  accuracy: {acc:.4f}' if acc is not None else '  accuracy: n/a')
+    for name, row in metrics['per_class'].items():
+        p, r = row['precision'], row['recall']
+        lines.append(
+            f'  {name:>10}: precision {"n/a" if p is None else f"{p:.3f}"}, recall '
+            f'{"n/a" if r is None else f"{r:.3f}"}, support {row["support"]}'
+        )
+    return '\n'.join(lines) + '\n'
