@@ -112,7 +112,9 @@ class PreprocessConfig:
     crop_bottom: float = 0.0
     crop_left: float = 0.0
     crop_right: float = 0.0
-    normalization: str = 'unit'
+    # Per-frame, per-channel standardization (what MaLPi did): the memory recipe learns the cue
+    # far more reliably with it than with [0, 1] scaling (README, "The memory recipe").
+    normalization: str = 'standardize'
 
     def __post_init__(self) -> None:
         _int_at_least('preprocess height', self.height, 1)
@@ -218,7 +220,7 @@ class DatasetConfig:
     gap: float = 1.0
     seq_len: int = 10
     stride: int = 5
-    burn_in: int = 0
+    burn_in: int = 10
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lag, int | float) and math.isfinite(self.lag)):
@@ -245,10 +247,16 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     patience: int = 10
+    # Early stopping never acts before this epoch: learning to remember starts on a plateau.
+    min_epochs: int = 10
     class_weighting: bool = True
+    # Rare actions weigh more, but at most this many times the commonest.
+    class_weight_cap: float = 10.0
 
     def __post_init__(self) -> None:
         _int_at_least('epochs', self.epochs, 1)
+        _int_at_least('min_epochs', self.min_epochs, 0)
+        _positive('class_weight_cap', self.class_weight_cap)
         _int_at_least('batch_size', self.batch_size, 1)
         _positive('learning_rate', self.learning_rate)
         if not (isinstance(self.val_fraction, int | float) and 0.0 <= self.val_fraction < 1.0):

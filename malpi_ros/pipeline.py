@@ -29,7 +29,7 @@ from malpi_ros.errors import DatasetError
 from malpi_ros.image import normalize
 
 
-def class_weights(labels: np.ndarray, num_actions: int, cap: float = 10.0) -> np.ndarray:
+def class_weights(labels: np.ndarray, num_actions: int, cap: float) -> np.ndarray:
     """float32 (num_actions,) weights making every present action count alike, capped at ``cap``.
 
     Weight ``k`` is ``n / (present * count_k)`` (balanced), capped so an action seen a handful of

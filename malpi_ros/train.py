@@ -44,8 +44,6 @@ from malpi_ros.model import build_sequence_model
 from malpi_ros.pipeline import WindowSource, class_weights, make_dataset
 
 # Not (yet) fields of TrainConfig; train() takes them as keywords.
-MIN_EPOCHS = 10  # early stopping cannot act before this epoch (the memory plateau, DESIGN §4)
-CLASS_WEIGHT_CAP = 10.0  # the rarest action weighs at most this many times the most common
 CLIPNORM = 1.0
 
 HISTORY_FILE = 'history.csv'
@@ -82,8 +80,6 @@ def prepare(
     recordings: Recordings,
     policy: PolicyConfig,
     train_cfg: TrainConfig,
-    *,
-    class_weight_cap: float = CLASS_WEIGHT_CAP,
 ) -> Prepared:
     """Split by episode, window both sides, and weight the classes of the training labels."""
     cfg = recordings.dataset
@@ -108,7 +104,7 @@ def prepare(
     if train_cfg.class_weighting:
         # From the labels that carry loss: what the optimizer actually sees.
         loss_labels = source(split.train, train_index, weights).loss_labels()
-        weights = class_weights(loss_labels, num_actions, class_weight_cap)
+        weights = class_weights(loss_labels, num_actions, train_cfg.class_weight_cap)
     train_source = source(split.train, train_index, weights)
     val_source = None
     if split.val:
@@ -212,8 +208,6 @@ def train(
     image_topic: str | None = None,
     cmd_topic: str | None = None,
     cache_dir: str | Path | None = None,
-    min_epochs: int = MIN_EPOCHS,
-    class_weight_cap: float = CLASS_WEIGHT_CAP,
     verbose: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     log: Callable[[str], None] = print,
@@ -227,8 +221,6 @@ def train(
     policy = policy or PolicyConfig()
     dataset = dataset or DatasetConfig()
     train_cfg = train_cfg or TrainConfig()
-    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
-        raise ConfigError(f'min_epochs must be an integer >= 0, got {min_epochs!r}')
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     out = Path(out)
@@ -250,7 +242,7 @@ def train(
             f'got dt={recordings.dt}'
         )
     log(recordings.describe())
-    prepared = prepare(recordings, policy, train_cfg, class_weight_cap=class_weight_cap)
+    prepared = prepare(recordings, policy, train_cfg)
     names = policy.actions.names
     log('\n'.join(prepared.notes))
     log(
@@ -278,7 +270,7 @@ def train(
             keras.callbacks.EarlyStopping(
                 monitor=monitor,
                 patience=train_cfg.patience,
-                start_from_epoch=min(min_epochs, train_cfg.epochs),
+                start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
             ),
             keras.callbacks.CSVLogger(str(history_path)),
             *callbacks,
@@ -342,8 +334,6 @@ def train(
             'dataset': to_dict(dataset),
             'train': {
                 **to_dict(train_cfg),
-                'min_epochs': min_epochs,
-                'class_weight_cap': class_weight_cap,
                 'clipnorm': CLIPNORM,
             },
             'split': prepared.split.note,

@@ -157,7 +157,7 @@ def _drive_bag(tmp_path, name='drive', n=40, gap_after=None, **kwargs):
 @pytest.mark.parametrize('compressed', [False, True], ids=['raw', 'jpeg'])
 def test_load_recordings_labels_frames_and_episodes(tmp_path, compressed):
     path, drive = _drive_bag(tmp_path, gap_after=25, compressed=compressed, stamped=compressed)
-    cfg = DatasetConfig(seq_len=5, stride=5)
+    cfg = DatasetConfig(burn_in=0, seq_len=5, stride=5)
     rec = ds.load_recordings([path], SMALL, cfg, TABLE)
     assert [len(e) for e in rec.episodes] == [25, 15]
     np.testing.assert_array_equal(np.concatenate([e.labels for e in rec.episodes]), drive.labels)
@@ -191,7 +191,7 @@ def test_load_recordings_labels_frames_and_episodes(tmp_path, compressed):
 def test_several_bags_of_both_storages_give_episodes_per_bag(tmp_path):
     a, _ = _drive_bag(tmp_path, 'a', n=20)
     b, drive_b = _drive_bag(tmp_path, 'b', n=30, storage='sqlite3')
-    rec = ds.load_recordings([a, b], SMALL, DatasetConfig(seq_len=10), TABLE)
+    rec = ds.load_recordings([a, b], SMALL, DatasetConfig(burn_in=0, seq_len=10), TABLE)
     assert [(e.bag, len(e)) for e in rec.episodes] == [(str(a), 20), (str(b), 30)]
     assert rec.frames == 50
     np.testing.assert_array_equal(rec.episodes[1].labels, drive_b.labels)
@@ -211,14 +211,14 @@ def test_the_cue_task_reads_back_with_its_labels(tmp_path):
     assert set(drive.labels[drive.junctions]) <= {LEFT, RIGHT}
     assert set(drive.labels[~drive.junctions]) == {FORWARD}
     path = write_bag(tmp_path / 'cue', frames=drive.frames, commands=drive.commands)
-    rec = ds.load_recordings([path], SMALL, DatasetConfig(seq_len=8), TABLE)
+    rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=8), TABLE)
     np.testing.assert_array_equal(rec.episodes[0].labels, drive.labels)
 
 
 def test_the_frame_cache_is_written_once_and_read_back(tmp_path):
     path, _ = _drive_bag(tmp_path)
     cache = tmp_path / 'cache'
-    cfg = DatasetConfig(seq_len=5)
+    cfg = DatasetConfig(burn_in=0, seq_len=5)
     first = ds.load_recordings([path], SMALL, cfg, TABLE, cache_dir=cache)
     second = ds.load_recordings([path], SMALL, cfg, TABLE, cache_dir=cache)
     assert first.reports[0].cache == 'written' and second.reports[0].cache == 'hit'
@@ -239,7 +239,7 @@ def test_the_frame_cache_is_written_once_and_read_back(tmp_path):
         3,
     )
     relabel = ds.load_recordings(
-        [path], SMALL, DatasetConfig(seq_len=5, lag=0.2), TABLE, cache_dir=cache
+        [path], SMALL, DatasetConfig(burn_in=0, seq_len=5, lag=0.2), TABLE, cache_dir=cache
     )
     assert relabel.reports[0].cache == 'hit'
     assert len(list(cache.glob('*.frames.npy'))) == 2 and not list(cache.glob('*tmp*'))
@@ -258,7 +258,7 @@ def test_frames_of_mixed_sizes_are_fitted(tmp_path):
         for i, (t, rgb) in enumerate(drive.frames)
     ]
     path = write_bag(tmp_path / 'mixed', frames=big, commands=drive.commands)
-    rec = ds.load_recordings([path], SMALL, DatasetConfig(seq_len=5), TABLE)
+    rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
     assert rec.reports[0].malformed == 0
     assert rec.episodes[0].frames.shape == (20, 24, 32, 3)
     # a 2x upscaled frame, area-resized back, is the original
@@ -272,7 +272,7 @@ def test_malformed_frames_are_skipped_and_counted_with_the_reason(tmp_path):
         frames[i] = (frames[i][0], frames[i][1], {'data': b'short'})
     frames[20] = (frames[20][0], frames[20][1], {'encoding': 'weird16'})
     path = write_bag(tmp_path / 'bad', frames=frames, commands=drive.commands)
-    rec = ds.load_recordings([path], SMALL, DatasetConfig(seq_len=5), TABLE)
+    rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
     report = rec.reports[0]
     assert (report.image_messages, report.frames, report.malformed) == (30, 26, 4)
     reasons = dict(report.malformed_reasons)
@@ -289,7 +289,7 @@ def test_nan_commands_are_counted_and_all_nan_is_an_error(tmp_path):
         (t, NAN, a) if i % 4 == 0 else (t, lin, a) for i, (t, lin, a) in enumerate(drive.commands)
     ]
     path = write_bag(tmp_path / 'some', frames=drive.frames, commands=commands)
-    rec = ds.load_recordings([path], SMALL, DatasetConfig(seq_len=5), TABLE)
+    rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
     assert rec.reports[0].alignment.nan_commands == 5
     labels = rec.episodes[0].labels
     kept = [i for i in range(20) if i % 4 != 0]
@@ -297,12 +297,12 @@ def test_nan_commands_are_counted_and_all_nan_is_an_error(tmp_path):
     all_nan = [(t, NAN, NAN) for t, _, _ in drive.commands]
     path = write_bag(tmp_path / 'nan', frames=drive.frames, commands=all_nan)
     with pytest.raises(DatasetError, match=rf'bag {path}, topic /cmd_vel: all 20 commands'):
-        ds.load_recordings([path], SMALL, DatasetConfig(seq_len=5), TABLE)
+        ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
 
 
 def test_bad_bags_are_errors_that_name_bag_and_topic(tmp_path):
     drive = synthetic_drive(20, seed=8)
-    cfg = DatasetConfig(seq_len=5)
+    cfg = DatasetConfig(burn_in=0, seq_len=5)
     no_camera = write_bag(tmp_path / 'nocam', commands=drive.commands, image_topic=None)
     with pytest.raises(
         BagError, match=r'no image topic.*/cmd_vel: geometry_msgs/msg/Twist \(20\)'
@@ -335,13 +335,13 @@ def test_stale_stretches_are_dropped_and_split_the_episode(tmp_path):
     # The driver let go of the stick for 2 s in the middle: no commands for frames 15..34.
     commands = drive.commands[:15] + drive.commands[35:]
     path = write_bag(tmp_path / 'pause', frames=drive.frames, commands=commands)
-    cfg = DatasetConfig(seq_len=5, stale='drop', cmd_timeout=0.5)
+    cfg = DatasetConfig(burn_in=0, seq_len=5, stale='drop', cmd_timeout=0.5)
     rec = ds.load_recordings([path], SMALL, cfg, TABLE)
     # Commands come 25 ms before their frame: frame 18 sees command 14 0.425 s old, frame 19
     # 0.525 s old. 19..34 are stale and dropped.
     assert [len(e) for e in rec.episodes] == [19, 5]
     assert rec.reports[0].alignment.dropped == 16
-    stop = ds.load_recordings([path], SMALL, DatasetConfig(seq_len=5), TABLE)
+    stop = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
     assert [len(e) for e in stop.episodes] == [40]
     assert (stop.episodes[0].labels[19:35] == STOP).all()
 
@@ -359,6 +359,6 @@ def test_the_frame_sink_grows_past_the_index_count(tmp_path):
 def test_dt_falls_back_to_receive_times_when_a_frame_has_no_header_stamp(tmp_path):
     # header_offset -100: the first frame's stamp is 0, i.e. unset.
     path, _ = _drive_bag(tmp_path, header_offset=-100.0)
-    rec = ds.load_recordings([path], SMALL, DatasetConfig(seq_len=5), TABLE)
+    rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
     assert rec.reports[0].dt_source == 'receive'
     assert rec.dt == pytest.approx(0.1) and rec.episodes[0].dt == pytest.approx(0.1)

@@ -79,7 +79,7 @@ def test_class_weights_balance_present_actions_cap_and_keep_the_mean_at_one():
     capped = class_weights(np.array([1] * 990 + [2] * 10), 5, cap=10.0)
     assert capped[2] == pytest.approx(10 * capped[1])  # 99x rarer, weighted only 10x
     with pytest.raises(DatasetError, match='no labels'):
-        class_weights(np.array([], np.int64), 5)
+        class_weights(np.array([], np.int64), 5, cap=10.0)
 
 
 def test_batches_are_normalized_by_the_robots_code_and_burn_in_carries_no_weight(tmp_path):
@@ -223,12 +223,12 @@ def test_the_example_config_file_is_valid_and_holds_the_recipe():
     from malpi_ros.commands.train import build_configs, read_config_file
 
     sections = read_config_file(REPO / 'config' / 'train_example.yaml')
-    policy, dataset, train, extras = build_configs(sections, {})
+    policy, dataset, train = build_configs(sections, {})
     pre = policy.preprocess
     assert policy.model.input_shape == (pre.height, pre.width, pre.channels) == (120, 120, 3)
     assert policy.preprocess.normalization == 'standardize'
     assert (dataset.burn_in, dataset.seq_len, train.learning_rate) == (10, 10, 3e-4)
-    assert train.class_weighting and extras.get('min_epochs', 10) == 10
+    assert train.class_weighting and train.min_epochs == 10
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ training labels would have (commands aligned to frame times as training does, wi
 the images). Exits non-zero, naming the bag, when a bag is unreadable or lacks a camera or
 command topic.
 
---config reads a YAML file whose ``dataset:`` and ``actions:`` sections (at the top level or
-under ``policy:``) set the labelling rules; the other sections are ignored here.
+--config reads the settings file `malpi-ros train` reads (malpi_ros.config_file); its
+``dataset:`` and ``actions:`` sections set the labelling rules.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from malpi_ros import bags as bagio
-from malpi_ros.config import ActionTable, DatasetConfig, from_dict, to_dict
+from malpi_ros.config import ActionTable, DatasetConfig, to_dict
+from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.dataset import align_labels, split_episodes
-from malpi_ros.errors import BagError, ConfigError, DatasetError, DecodeError
+from malpi_ros.errors import BagError, DatasetError, DecodeError
 
 SAMPLE_FRAMES = 5  # image messages decoded per bag to report sizes and encodings
 
@@ -36,29 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--image-topic', help='camera topic (default: the one image topic)')
     parser.add_argument('--cmd-topic', help='command topic (default: the one Twist topic)')
     parser.add_argument(
-        '--config', type=Path, help='YAML with dataset: and actions: sections (labelling rules)'
+        '--config',
+        type=Path,
+        help='the settings file of malpi-ros train (its dataset: and actions: sections)',
     )
-
-
-def load_config(path: Path | None) -> tuple[DatasetConfig, ActionTable]:
-    """The dataset config and action table of a YAML file (defaults where absent)."""
-    if path is None:
-        return DatasetConfig(), ActionTable()
-    import yaml  # here, not at module level: only --config needs it
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f'cannot read config {path}: {err}') from err
-    if not isinstance(data, dict):
-        raise ConfigError(f'config {path} must be a mapping, got {type(data).__name__}')
-    policy = data.get('policy') if isinstance(data.get('policy'), dict) else {}
-    try:
-        dataset = from_dict(DatasetConfig, data.get('dataset') or {})
-        actions = from_dict(ActionTable, data.get('actions') or policy.get('actions') or {})
-    except ConfigError as err:
-        raise ConfigError(f'config {path}: {err}') from err
-    return dataset, actions
 
 
 def inspect_bag(
@@ -241,7 +223,9 @@ def format_text(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    dataset, table = load_config(args.config)
+    where = str(args.config) if args.config is not None else 'settings'
+    policy, dataset, _ = build_configs(read_config_file(args.config), {}, where)
+    table = policy.actions
     reports = []
     for path in args.bags:
         try:

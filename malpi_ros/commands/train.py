@@ -25,25 +25,9 @@ class weights from the training labels, capped at 10x.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
-from typing import Any
 
-from malpi_ros.config import (
-    ActionTable,
-    DatasetConfig,
-    ModelConfig,
-    PolicyConfig,
-    PreprocessConfig,
-    TrainConfig,
-    from_dict,
-)
-from malpi_ros.errors import ConfigError
-
-SECTIONS = ('model', 'preprocess', 'actions', 'dataset', 'train')
-SIZE_KEYS = ('height', 'width', 'channels')
-# Settings of train() that are not TrainConfig fields (yet); the train: section may hold them.
-TRAIN_EXTRAS = ('min_epochs', 'class_weight_cap')
+from malpi_ros.config_file import build_configs, read_config_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,90 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_config_file(path: Path | None) -> dict[str, dict[str, Any]]:
-    """The sections of a YAML settings file ({} for each absent one); unknown ones are errors."""
-    if path is None:
-        return {name: {} for name in SECTIONS}
-    import yaml  # only --config needs it
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f'cannot read config {path}: {err}') from err
-    if not isinstance(data, dict):
-        raise ConfigError(f'config {path} must be a mapping, got {type(data).__name__}')
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f'config {path}: unknown sections {unknown}; known: {list(SECTIONS)}')
-    sections = {}
-    for name in SECTIONS:
-        value = data.get(name) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f'config {path}: section {name} must be a mapping, got {value!r}')
-        sections[name] = dict(value)
-    return sections
-
-
-def build_configs(
-    sections: dict[str, dict[str, Any]], overrides: dict[str, Any], where: str = 'config'
-) -> tuple[PolicyConfig, DatasetConfig, TrainConfig, dict[str, Any]]:
-    """Policy, dataset and train configs from file sections plus command-line overrides.
-
-    Returns also the train() keywords that are not TrainConfig fields (``TRAIN_EXTRAS``).
-    """
-    model = dict(sections['model'])
-    preprocess = dict(sections['preprocess'])
-    for key in ('height', 'width'):
-        if overrides.get(key) is not None:
-            model[key] = preprocess[key] = overrides[key]
-    for key in SIZE_KEYS:  # one side given: the other follows
-        if key in model and key not in preprocess:
-            preprocess[key] = model[key]
-        elif key in preprocess and key not in model:
-            model[key] = preprocess[key]
-    dataset = dict(sections['dataset'])
-    for key in ('seq_len', 'burn_in', 'stride'):
-        if overrides.get(key) is not None:
-            dataset[key] = overrides[key]
-    train = dict(sections['train'])
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    extras = {k: train.pop(k) for k in TRAIN_EXTRAS if k in train and k not in fields}
-    for key in (
-        'epochs',
-        'batch_size',
-        'learning_rate',
-        'val_fraction',
-        'seed',
-        'patience',
-        'class_weighting',
-    ):
-        if overrides.get(key) is not None:
-            train[key] = overrides[key]
-    if overrides.get('min_epochs') is not None:
-        if 'min_epochs' in fields:
-            train['min_epochs'] = overrides['min_epochs']
-        else:
-            extras['min_epochs'] = overrides['min_epochs']
-    try:
-        actions = from_dict(ActionTable, sections['actions'])
-        model.setdefault('num_actions', len(actions))
-        policy = PolicyConfig(
-            model=from_dict(ModelConfig, model),
-            preprocess=from_dict(PreprocessConfig, preprocess),
-            actions=actions,
-        )
-        return policy, from_dict(DatasetConfig, dataset), from_dict(TrainConfig, train), extras
-    except ConfigError as err:
-        raise ConfigError(f'{where}: {err}') from err
-
-
 def run(args: argparse.Namespace) -> int:
     from malpi_ros.train import train  # TensorFlow: only when training
 
     where = str(args.config) if args.config is not None else 'settings'
-    policy, dataset, train_cfg, extras = build_configs(
-        read_config_file(args.config), vars(args), where
-    )
+    policy, dataset, train_cfg = build_configs(read_config_file(args.config), vars(args), where)
     if args.no_cache:
         cache_dir = None
     elif args.cache_dir is not None:
@@ -179,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         cmd_topic=args.cmd_topic,
         cache_dir=cache_dir,
         verbose=args.verbose,
-        **extras,
     )
     print(f'bundle written: {result.bundle}')
     return 0
