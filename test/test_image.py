@@ -392,10 +392,12 @@ def test_fit_frame_rejects_what_is_not_an_rgb_frame(bad):
 
 def test_unit_normalization_maps_to_zero_one():
     frame = np.array([[[0, 128, 255]]], np.uint8)
-    out = normalize(frame, PreprocessConfig(height=1, width=1))
+    out = normalize(frame, PreprocessConfig(height=1, width=1, normalization='unit'))
     assert out.dtype == np.float32 and out.shape == frame.shape
     np.testing.assert_allclose(out, [[[0.0, 128 / 255, 1.0]]], rtol=1e-6)
-    many = normalize(random_rgb(24, 32), PreprocessConfig(height=24, width=32))
+    many = normalize(
+        random_rgb(24, 32), PreprocessConfig(height=24, width=32, normalization='unit')
+    )
     assert many.min() >= 0.0 and many.max() <= 1.0
 
 
