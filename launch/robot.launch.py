@@ -1,9 +1,68 @@
-"""Bring up MaLPi: camera remap, the perception-policy node and the motor driver."""
+"""Bring up MaLPi: camera remap, the perception-policy node and the motor driver.
+
+    ros2 launch malpi_ros robot.launch.py bundle:=/path/to/bundle
+        [backend:=litert] [camera_topic:=/camera/image_raw] [params_file:=.../robot.yaml]
+
+Thin on purpose: everything it passes is a parameter or a remap that works the same on the
+command line, as the tests run it:
+``policy_node --ros-args --params-file robot.yaml -p bundle:=... -p backend:=litert
+-r image:=/camera/image_raw`` and ``motor_driver_node --ros-args --params-file robot.yaml``.
+test/test_launch.py checks every name here against the nodes' declared parameters and topics.
+The camera driver is not started here: run the one of your camera and point camera_topic at it.
+"""
 
 from __future__ import annotations
 
 
 def generate_launch_description():
+    # Imported here: launch and launch_ros come with a ROS install (apt), not from PyPI, and the
+    # tests read this file without them.
+    from launch.actions import DeclareLaunchArgument
+    from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+    from launch_ros.actions import Node
+    from launch_ros.substitutions import FindPackageShare
+
     from launch import LaunchDescription
 
-    return LaunchDescription([])
+    params_file = LaunchConfiguration('params_file')
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument('bundle', description='model bundle directory (required)'),
+            DeclareLaunchArgument(
+                'backend', default_value='litert', description='policy runtime: litert | keras'
+            ),
+            DeclareLaunchArgument(
+                'camera_topic',
+                default_value='/camera/image_raw',
+                description='sensor_msgs/Image topic of the camera (policy_node image)',
+            ),
+            DeclareLaunchArgument(
+                'params_file',
+                default_value=PathJoinSubstitution(
+                    [FindPackageShare('malpi_ros'), 'config', 'robot.yaml']
+                ),
+                description='parameters of both nodes (node_name: ros__parameters: ...)',
+            ),
+            Node(
+                package='malpi_ros',
+                executable='policy_node',
+                name='policy_node',
+                output='screen',
+                parameters=[
+                    params_file,
+                    {
+                        'bundle': LaunchConfiguration('bundle'),
+                        'backend': LaunchConfiguration('backend'),
+                    },
+                ],
+                remappings=[('image', LaunchConfiguration('camera_topic'))],
+            ),
+            Node(
+                package='malpi_ros',
+                executable='motor_driver_node',
+                name='motor_driver_node',
+                output='screen',
+                parameters=[params_file],
+            ),
+        ]
+    )
