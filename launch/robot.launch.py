@@ -17,12 +17,11 @@ from __future__ import annotations
 def generate_launch_description():
     # Imported here: launch and launch_ros come with a ROS install (apt), not from PyPI, and the
     # tests read this file without them.
+    from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument
     from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
     from launch_ros.actions import Node
     from launch_ros.substitutions import FindPackageShare
-
-    from launch import LaunchDescription
 
     params_file = LaunchConfiguration('params_file')
     return LaunchDescription(

@@ -248,10 +248,9 @@ def test_the_launch_command_line_by_hand_drives_from_the_camera_topic(tmp_path):
 
 def test_launch_description_when_launch_ros_is_available():
     pytest.importorskip('launch_ros', reason='launch_ros comes with a ROS install, not PyPI')
+    from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument
     from launch_ros.actions import Node
-
-    from launch import LaunchDescription
 
     for path in launch_files():
         spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), path)
