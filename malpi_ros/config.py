@@ -20,14 +20,24 @@ NORMALIZATIONS = ('unit', 'standardize')
 ACTIVATIONS = ('relu', 'tanh', 'elu', 'linear', 'sigmoid')
 
 
+def _number(value: object) -> bool:
+    """A finite int or float; a bool is not a number here (YAML ``yes`` must not pass as 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if not (_number(value) and value > 0):
         raise ConfigError(f'{name} must be > 0, got {value!r}')
 
 
 def _non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+    if not (_number(value) and value >= 0):
         raise ConfigError(f'{name} must be >= 0, got {value!r}')
+
+
+def _flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f'{name} must be true or false, got {value!r}')
 
 
 def _int_at_least(name: str, value: int, low: int) -> None:
@@ -256,7 +266,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _int_at_least('epochs', self.epochs, 1)
         _int_at_least('min_epochs', self.min_epochs, 0)
-        _positive('class_weight_cap', self.class_weight_cap)
+        _flag('class_weighting', self.class_weighting)
+        if not (_number(self.class_weight_cap) and self.class_weight_cap >= 1):
+            raise ConfigError(f'class_weight_cap must be >= 1, got {self.class_weight_cap!r}')
         _int_at_least('batch_size', self.batch_size, 1)
         _positive('learning_rate', self.learning_rate)
         if not (isinstance(self.val_fraction, int | float) and 0.0 <= self.val_fraction < 1.0):

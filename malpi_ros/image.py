@@ -228,10 +228,12 @@ def normalize(frames_uint8: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         return frames.astype(np.float32) / np.float32(255.0)
     # Statistics in float64: a frame's result must not depend on how many frames are stacked.
     axes = (-3, -2)
-    mean = frames.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = frames.std(axis=axes, keepdims=True, dtype=np.float64)
+    # Centre once and take the std from the centred frame (no second pass for the mean).
+    centred = frames - frames.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = np.sqrt(np.mean(np.square(centred), axis=axes, keepdims=True))
     floor = 1.0 / math.sqrt(frames.shape[-3] * frames.shape[-2])
-    return ((frames - mean) / np.maximum(std, floor)).astype(np.float32)
+    centred /= np.maximum(std, floor)
+    return centred.astype(np.float32)
 
 
 def preprocess(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:

@@ -156,6 +156,9 @@ class PolicyNode(Node):
         self._cmd_lock = threading.Lock()  # guards _enabled, _epoch and publishing on cmd_vel
         self._enabled = self.cfg.start_enabled
         self._epoch = 0  # +1 on every enable/disable: a step begun before it commands nothing
+        # Set by ~/enable true, applied by the next step before it runs: the first command after
+        # enabling comes from a zero state, whatever step was in flight during the call.
+        self._reset_pending = False
 
         image_group = MutuallyExclusiveCallbackGroup()  # steps are serialized anyway
         service_group = MutuallyExclusiveCallbackGroup()
@@ -248,7 +251,7 @@ class PolicyNode(Node):
             if decision.why != 'every frame':
                 self.get_logger().info(f'{decision.why}: LSTM state reset')
             self.policy.reset()
-        epoch = self._epoch_now()
+        epoch = self._take_epoch()
         result = self.policy.step(rgb)
         self.gate.stepped(decision.time)
         self.stats.step(result.inference_ms)
@@ -269,6 +272,14 @@ class PolicyNode(Node):
 
     def _epoch_now(self) -> int:
         with self._cmd_lock:
+            return self._epoch
+
+    def _take_epoch(self) -> int:
+        """The epoch a step runs in; applies a reset that ~/enable asked for, first."""
+        with self._cmd_lock:
+            if self._reset_pending:
+                self.policy.reset()
+                self._reset_pending = False
             return self._epoch
 
     def _publish_command(self, twist: Twist, epoch: int, feed: bool = False) -> bool:
@@ -328,10 +339,10 @@ class PolicyNode(Node):
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> Any:
         if request.data:
             steps = self.policy.steps_since_reset
-            self.policy.reset()  # before enabling: the first command comes from a zero state
             with self._cmd_lock:
                 self._enabled = True
                 self._epoch += 1
+                self._reset_pending = True
             response.message = f'enabled; state reset after {steps} steps'
         else:
             with self._cmd_lock:

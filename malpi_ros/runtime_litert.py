@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from malpi_ros.errors import BundleError
+from malpi_ros.errors import BundleError, ConfigError
 
 SIGNATURE = 'serving_default'
 INPUTS = ('frame', 'h', 'c')
@@ -33,7 +33,7 @@ class LiteRTStep:
     def __init__(self, path: str | Path, *, num_threads: int = 2) -> None:
         self.path = Path(path)
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise BundleError(f'num_threads must be an integer >= 1, got {num_threads!r}')
+            raise ConfigError(f'num_threads must be an integer >= 1, got {num_threads!r}')
         try:
             self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
             self._interpreter.allocate_tensors()

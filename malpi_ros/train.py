@@ -40,10 +40,11 @@ from malpi_ros.dataset import (
     windows,
 )
 from malpi_ros.errors import ConfigError, DatasetError
+from malpi_ros.metrics import classification_metrics
 from malpi_ros.model import build_sequence_model
 from malpi_ros.pipeline import WindowSource, class_weights, make_dataset
 
-# Not (yet) fields of TrainConfig; train() takes them as keywords.
+# Adam's gradient-norm clip (the memory recipe): part of the recipe, not a setting.
 CLIPNORM = 1.0
 
 HISTORY_FILE = 'history.csv'
@@ -165,28 +166,6 @@ def predict_windows(model: keras.Model, source: WindowSource, batch_size: int) -
     return np.concatenate(out) if out else np.zeros((0, source.window), np.int64)
 
 
-def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_actions: int) -> np.ndarray:
-    """int64 (A, A): rows true action, columns predicted."""
-    true, pred = np.asarray(true).reshape(-1), np.asarray(pred).reshape(-1)
-    return np.bincount(true * num_actions + pred, minlength=num_actions**2).reshape(
-        num_actions, num_actions
-    )
-
-
-def per_class(matrix: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """precision, recall and support per action (None where undefined: JSON has no NaN)."""
-    result = {}
-    for i, name in enumerate(names):
-        tp = int(matrix[i, i])
-        predicted, support = int(matrix[:, i].sum()), int(matrix[i].sum())
-        result[name] = {
-            'precision': tp / predicted if predicted else None,
-            'recall': tp / support if support else None,
-            'support': support,
-        }
-    return result
-
-
 def _finite(value: Any) -> Any:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
@@ -291,17 +270,16 @@ def train(
         pred = predict_windows(model, scored, train_cfg.batch_size)
         true = scored.labels(np.arange(len(scored)))
         burn = dataset.burn_in
-        matrix = confusion_matrix(true[:, burn:], pred[:, burn:], len(names))
-        total = int(matrix.sum())
-        accuracy = float(np.trace(matrix) / total) if total else None
+        scores = classification_metrics(true[:, burn:].ravel(), pred[:, burn:].ravel(), names)
+        matrix = scores.matrix
         epochs_run = len(history.get('loss', []))
         metrics = {
             'scored_on': scored_name,
-            'accuracy': accuracy,
-            'best_epoch': best.best_epoch + 1,
+            'accuracy': scores.accuracy if scores.total else None,
+            'best_epoch': best.best_epoch + 1 if best.weights is not None else None,
             'best_' + monitor: _finite(best.best) if best.weights is not None else None,
             'epochs_run': epochs_run,
-            'per_class': per_class(matrix, names),
+            'per_class': scores.to_dict()['per_class'],
             'confusion': matrix.tolist(),
             'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
             'train_windows': len(prepared.train),
@@ -396,8 +374,12 @@ def _summary(
         f'{train_cfg.batch_size}, seed {train_cfg.seed}',
         '',
         'training:',
-        f'  epochs run: {metrics["epochs_run"]} of {train_cfg.epochs}; best epoch '
-        f'{metrics["best_epoch"]} (weights restored from it)',
+        f'  epochs run: {metrics["epochs_run"]} of {train_cfg.epochs}; '
+        + (
+            f'best epoch {metrics["best_epoch"]} (weights restored from it)'
+            if metrics['best_epoch'] is not None
+            else 'no epoch had a finite loss (the last weights are kept)'
+        ),
         f'  fit time: {fit_seconds:.1f} s, total {seconds:.1f} s',
     ]
     for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
@@ -408,9 +390,8 @@ def _summary(
     acc = metrics['accuracy']
     lines.append(f'  accuracy: {acc:.4f}' if acc is not None else '  accuracy: n/a')
     for name, row in metrics['per_class'].items():
-        p, r = row['precision'], row['recall']
         lines.append(
-            f'  {name:>10}: precision {"n/a" if p is None else f"{p:.3f}"}, recall '
-            f'{"n/a" if r is None else f"{r:.3f}"}, support {row["support"]}'
+            f'  {name:>10}: precision {row["precision"]:.3f}, recall {row["recall"]:.3f}, '
+            f'support {row["support"]}'
         )
     return '\n'.join(lines) + '\n'
