@@ -149,7 +149,9 @@ class MotorDriverNode(Node):
         """Declare one parameter and return its value; a rejected value names the parameter."""
         try:
             param = self.declare_parameter(
-                name, default, ParameterDescriptor(description=description, **extra)
+                name,
+                default,
+                ParameterDescriptor(description=description, read_only=True, **extra),
             )
         except ParameterException as err:
             raise ConfigError(f'parameter {name}: {err}') from err

@@ -42,7 +42,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 
 from malpi_ros.bags import Bag, describe_topics, open_bag
-from malpi_ros.errors import BagError, ConfigError
+from malpi_ros.errors import BagError, ConfigError, MalpiError
 from malpi_ros.record_node import message_class
 from malpi_ros.replay import (
     PlayConfig,
@@ -267,7 +267,11 @@ def main(args: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if args is None else list(args)
     parser = command.build_parser('player_node')
-    sys.exit(command.run(parser.parse_args(argv)))
+    try:
+        sys.exit(command.run(parser.parse_args(argv)))
+    except MalpiError as err:
+        print(f'player_node: error: {err}', file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == '__main__':

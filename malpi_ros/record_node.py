@@ -656,6 +656,8 @@ def main(args: list[str] | None = None) -> None:
         get_logger(NODE_NAME).fatal(str(err))
         sys.exit(2)
     print(summary.describe())
+    if summary.error:
+        sys.exit(1)
 
 
 if __name__ == '__main__':

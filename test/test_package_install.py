@@ -27,7 +27,10 @@ def test_generated_message_lives_beside_our_sources():
     assert issubclass(MalpiError, Exception)
 
 
-@pytest.mark.parametrize('exe', ['policy_node', 'motor_driver_node', 'sim_node', 'malpi-ros'])
+@pytest.mark.parametrize(
+    'exe',
+    ['policy_node', 'motor_driver_node', 'sim_node', 'record_node', 'player_node', 'malpi-ros'],
+)
 def test_executables_are_where_ros2_run_looks(exe):
     path = NODE_DIR / exe
     assert path.is_file(), f'{path} missing'

@@ -162,13 +162,19 @@ def _config(**overrides):
     return PolicyNodeConfig(bundle='/b', **overrides)
 
 
-def test_config_defaults_match_the_parameter_table():
+def test_config_defaults_match_the_parameter_table_and_robot_yaml():
+    import yaml
+    from support import REPO
+
     assert set(PARAMETER_NAMES) == {f.name for f in dataclasses.fields(PolicyNodeConfig)}
-    defaults = _config()
+    documented = yaml.safe_load((REPO / 'config' / 'robot.yaml').read_text())
+    documented = documented['policy_node']['ros__parameters']
+    # robot.yaml lists every parameter but the required bundle, with the node's own defaults.
+    assert set(documented) == set(PARAMETER_NAMES) - {'bundle'}
     for name, spec in PARAMETERS.items():
         if name != 'bundle':
-            assert getattr(defaults, name) == spec.default, name
-            assert type(getattr(defaults, name)) is type(spec.default), name
+            assert documented[name] == spec.default, name
+            assert type(documented[name]) is type(spec.default), name
         assert spec.description
         if spec.low is not None:
             assert spec.low <= spec.default <= spec.high, name
