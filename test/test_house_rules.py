@@ -17,15 +17,17 @@ from support import REPO, VENV
 
 ROS_MODULES = (
     'rclpy',
-    'std_msgs',
-    'sensor_msgs',
-    'geometry_msgs',
-    'std_srvs',
-    'diagnostic_msgs',
+    'rcl_interfaces',
     'builtin_interfaces',
     'rosidl_runtime_py',
+    'rosidl_parser',
+    'ament_index_python',
+    'launch',
+    'launch_ros',
     'malpi_ros.msg',
 )
+# Any interface package: std_msgs, sensor_msgs, std_srvs, action_msgs, type_description_...
+ROS_SUFFIXES = ('_msgs', '_srvs', '_interfaces', '_actions')
 # Modules that build, convert, train or run Keras/TensorFlow models; nothing else imports it.
 TF_MODULES = {
     'model.py',
@@ -44,14 +46,22 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
-            found += [(node.lineno, f'{node.module}.{a.name}') for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            # Relative imports inside malpi_ros (from .msg import X) count as malpi_ros.*.
+            module = node.module or ''
+            if node.level:
+                module = 'malpi_ros.' + module if module else 'malpi_ros'
+            found.append((node.lineno, module))
+            found += [(node.lineno, f'{module}.{a.name}') for a in node.names]
     return found
 
 
 def _matches(name: str, roots: tuple[str, ...]) -> bool:
     return any(name == root or name.startswith(root + '.') for root in roots)
+
+
+def _is_ros(name: str) -> bool:
+    return _matches(name, ROS_MODULES) or name.split('.')[0].endswith(ROS_SUFFIXES)
 
 
 def boundary_violations(package_dir: Path) -> list[str]:
@@ -60,7 +70,7 @@ def boundary_violations(package_dir: Path) -> list[str]:
     for path in sorted(package_dir.rglob('*.py')):
         is_node = path.name.endswith('_node.py')
         for line, name in _imports(path):
-            if not is_node and _matches(name, ROS_MODULES):
+            if not is_node and _is_ros(name):
                 bad.append(f'{path.relative_to(package_dir.parent)}:{line} imports {name}')
             if path.name not in TF_MODULES and _matches(name, ('tensorflow', 'keras')):
                 bad.append(f'{path.relative_to(package_dir.parent)}:{line} imports {name}')
@@ -78,10 +88,13 @@ def test_the_boundary_check_catches_a_crossing(tmp_path):
     (pkg / 'camera_node.py').write_text('import rclpy\nfrom sensor_msgs.msg import Image\n')
     (pkg / 'policy.py').write_text('import tensorflow as tf\n')
     (pkg / 'model.py').write_text('import keras\n')
+    (pkg / 'stats.py').write_text('from . import msg\nimport action_msgs.msg\n')
     assert boundary_violations(pkg) == [
         'malpi_ros/image.py:2 imports sensor_msgs.msg',
         'malpi_ros/image.py:2 imports sensor_msgs.msg.Image',
         'malpi_ros/policy.py:1 imports tensorflow',
+        'malpi_ros/stats.py:1 imports malpi_ros.msg',
+        'malpi_ros/stats.py:2 imports action_msgs.msg',
     ]
 
 
