@@ -22,22 +22,15 @@ and two throttles need no header: the simulator and tests only want their values
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
 import time
 from typing import Any
 
-import rclpy
 from geometry_msgs.msg import Twist
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.duration import Duration
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Float32MultiArray
 
 from malpi_ros.errors import ConfigError, MotorError
@@ -51,6 +44,7 @@ from malpi_ros.motor import (
     make_backend,
     mix,
 )
+from malpi_ros.spin_node import run_node
 
 NODE_NAME = 'motor_driver_node'
 ERROR_LOG_PERIOD = 2.0  # s between repeated backend-error logs
@@ -190,6 +184,8 @@ class MotorDriverNode(Node):
         else:
             self.get_logger().warning(f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped')
 
+    last_words = 'stopping the motors and exiting'  # close(), said in the log
+
     def close(self) -> None:
         """Stop and release the motors; the final stop on ~/wheels is flushed before return."""
         try:
@@ -206,41 +202,9 @@ class MotorDriverNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the driver until SIGINT/SIGTERM; exit 2 on bad parameters or a missing backend."""
-    stop = threading.Event()
-    received: list[str] = []
-
-    def request_stop(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        node = MotorDriverNode()
-    except (ConfigError, MotorError) as err:
-        get_logger(NODE_NAME).fatal(str(err))
-        rclpy.try_shutdown()
-        sys.exit(2)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        # Python runs signal handlers between bytecodes, so spin in short slices and look at the
-        # flag; the watchdog timer wakes the executor at least every 1/watchdog_rate anyway.
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except ExternalShutdownException:
-        pass
-    finally:
-        # A second Ctrl-C during the stop ends the process the hard way.
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            node.get_logger().info(f'{received[0]}: stopping the motors and exiting')
-        node.close()  # also after an external shutdown: real motors must stop regardless
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run the driver until SIGINT/SIGTERM (motors stopped); exit 2 on bad parameters or a
+    missing backend."""
+    run_node(NODE_NAME, MotorDriverNode, args)
 
 
 if __name__ == '__main__':

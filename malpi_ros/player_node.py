@@ -24,12 +24,11 @@ with rclpy from pip but no rosbag2 (a training workstation, CI, replay-eval):
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -72,26 +71,6 @@ def qos_profile(qos: TopicQos) -> QoSProfile:
             DurabilityPolicy.TRANSIENT_LOCAL if qos.transient_local else DurabilityPolicy.VOLATILE
         ),
     )
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An Event set by SIGINT or SIGTERM while the block runs (main thread only).
-
-    The previous handlers come back on exit. Long waits must be short waits on the event, so
-    that the handler runs between them.
-    """
-    stop = threading.Event()
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def wait_until(deadline: float, stop: threading.Event, clock: Callable[[], float]) -> bool:

@@ -32,25 +32,20 @@ a step can arrive after the zero Twist of a disable.
 
 from __future__ import annotations
 
-import signal
-import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.duration import Duration
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.logging import get_logger
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 
@@ -69,6 +64,7 @@ from malpi_ros.policy_node_config import (
     ParamSpec,
     PolicyNodeConfig,
 )
+from malpi_ros.spin_node import run_node
 
 LOG_PERIOD = 2.0  # s between repeated logs of one kind of bad frame or error
 FLUSH_TIMEOUT = 1.0  # s to wait for the final zero Twist to be acknowledged
@@ -357,6 +353,8 @@ class PolicyNode(Node):
 
     # -- shutdown --------------------------------------------------------------------------
 
+    last_words = 'publishing a zero Twist and exiting'  # close(), said in the log
+
     def close(self) -> None:
         """Publish a final zero Twist and wait until it is acknowledged (call with no spin)."""
         with self._cmd_lock:
@@ -369,43 +367,13 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the node until SIGINT/SIGTERM; exit 2 on a bad parameter or bundle."""
-    stop = threading.Event()
-    received: list[str] = []
-
-    def request_stop(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    # rclpy's own handlers would shut the context down inside the handler, before the final
-    # zero Twist could be published: ours only set a flag.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        node = PolicyNode()
-    except MalpiError as err:
-        get_logger(NODE_NAME).fatal(str(err))
-        rclpy.try_shutdown()
-        sys.exit(2)
-    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
-    executor.add_node(node)
-    try:
-        # Python runs signal handlers in the main thread between bytecodes: spin in short
-        # slices and look at the flag (the silence timer wakes the executor every <= 50 ms).
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except ExternalShutdownException:
-        pass
-    finally:
-        for sig, handler in previous.items():  # a second Ctrl-C ends it the hard way
-            signal.signal(sig, handler)
-        if received:
-            node.get_logger().info(f'{received[0]}: publishing a zero Twist and exiting')
-        # Wait for running callbacks first: no step may publish a command after the last zero.
-        executor.shutdown(timeout_sec=5.0)
-        node.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run until SIGINT/SIGTERM (then a last zero Twist); exit 2 on a bad parameter or bundle."""
+    run_node(
+        NODE_NAME,
+        PolicyNode,
+        args,
+        executor=lambda: MultiThreadedExecutor(num_threads=EXECUTOR_THREADS),
+    )
 
 
 if __name__ == '__main__':

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -65,6 +64,7 @@ from rosbags.typesys import Stores, TypesysError, get_types_from_msg, get_typest
 from rosbags.typesys.base import Nodetype
 
 from malpi_ros.errors import BagError, ConfigError
+from malpi_ros.signals import stop_on_signals
 
 NODE_NAME = 'record_node'
 STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
@@ -609,31 +609,22 @@ def record(
     """
     if duration is not None and not (duration > 0):
         raise ConfigError(f'duration must be > 0 seconds, got {duration!r}')
-    stop = threading.Event()
-    received: list[str] = []
-
-    def request_stop(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     recorder = Recorder(out, topics, storage=storage, ros_args=ros_args)
-    try:
-        recorder.start()
-        if log is not None:
-            log(f'recording {", ".join(recorder.topics)} into {out} ({storage}); Ctrl-C stops')
-        deadline = None if duration is None else time.monotonic() + duration
-        while not stop.is_set():
-            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
-            if left <= 0:
-                break
-            stop.wait(left)  # short waits: signal handlers run between them
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        summary = recorder.stop()
-    if log is not None and received:
-        log(f'{received[0]}: stopped')
+    with stop_on_signals() as stop:
+        try:
+            recorder.start()
+            if log is not None:
+                log(f'recording {", ".join(recorder.topics)} into {out} ({storage}); Ctrl-C stops')
+            deadline = None if duration is None else time.monotonic() + duration
+            while not stop.is_set():
+                left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                stop.wait(left)  # short waits: signal handlers run between them
+        finally:
+            summary = recorder.stop()
+    if log is not None and stop.signal_name:
+        log(f'{stop.signal_name}: stopped')
     return summary
 
 

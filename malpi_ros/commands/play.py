@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         delay=args.delay,
     )
     # rclpy only from here: the CLI's --help and the ROS-free verbs must not need it.
-    from malpi_ros.player_node import play, stop_on_signals
+    from malpi_ros.player_node import play
+    from malpi_ros.signals import stop_on_signals
 
     tty = sys.stderr.isatty()
 

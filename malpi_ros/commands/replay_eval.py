@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
         node_params=tuple(parse_param(p) for p in args.param),
     )
     # rclpy only from here: the CLI's --help and the ROS-free verbs must not need it.
-    from malpi_ros.player_node import stop_on_signals
     from malpi_ros.replay_eval_node import check_out, evaluate_offline, replay_eval
+    from malpi_ros.signals import stop_on_signals
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
