@@ -252,6 +252,12 @@ def test_launch_description_when_launch_ros_is_available():
     from launch.actions import DeclareLaunchArgument
     from launch_ros.actions import Node
 
+    # Each launch file: the arguments it must declare and the nodes it starts.
+    expected = {
+        'robot.launch.py': ({'bundle', 'backend', 'camera_topic', 'params_file'}, 2),
+        'sim.launch.py': ({'bundle', 'backend', 'reset_every_frame', 'params_file'}, 3),
+    }
+    assert {p.name for p in launch_files()} == set(expected)
     for path in launch_files():
         spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), path)
         module = importlib.util.module_from_spec(spec)
@@ -260,5 +266,6 @@ def test_launch_description_when_launch_ros_is_available():
         assert isinstance(description, LaunchDescription)
         entities = description.entities
         arguments = {e.name for e in entities if isinstance(e, DeclareLaunchArgument)}
-        assert {'bundle', 'backend', 'camera_topic', 'params_file'} <= arguments
-        assert sum(isinstance(e, Node) for e in entities) == 2
+        wanted_arguments, nodes = expected[path.name]
+        assert wanted_arguments <= arguments, path.name
+        assert sum(isinstance(e, Node) for e in entities) == nodes, path.name
