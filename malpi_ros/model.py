@@ -11,13 +11,15 @@ which gave wrong shapes from ``predict()`` at a T other than the one it was fit 
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import keras
 from keras import layers, ops
 
 from malpi_ros.config import ModelConfig
-from malpi_ros.errors import ConfigError
+from malpi_ros.errors import BundleError, ConfigError
 
 SEQUENCE_INPUT = 'frames'
 STEP_INPUTS = ('frame', 'h', 'c')
@@ -143,8 +145,14 @@ def compile_for_training(model: keras.Model, learning_rate: float = 3e-4) -> ker
     return model
 
 
-def load_sequence_model(path: str, cfg: ModelConfig) -> keras.Model:
-    """Load a ``.keras`` sequence model in safe mode and check it matches ``cfg``."""
-    model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    _shared_layers(cfg, model)
+def load_sequence_model(path: str | Path, cfg: ModelConfig) -> keras.Model:
+    """Load a ``.keras`` sequence model in safe mode (no code from the file) and check it
+    matches ``cfg``; anything wrong is a BundleError naming the file."""
+    try:
+        model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        _shared_layers(cfg, model)
+    except ConfigError as err:
+        raise BundleError(f'{path}: model does not match the bundle config: {err}') from err
+    except (ValueError, OSError, TypeError, zipfile.BadZipFile) as err:
+        raise BundleError(f'{path}: cannot load the Keras model: {err}') from err
     return model

@@ -6,7 +6,6 @@ For development machines and checks against training; the robot runs LiteRT. The
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from malpi_ros.config import ModelConfig
-from malpi_ros.errors import BundleError, ConfigError
 from malpi_ros.model import build_step_model, load_sequence_model
 
 
@@ -46,13 +44,7 @@ class KerasStep:
     @classmethod
     def from_file(cls, path: str | Path, cfg: ModelConfig) -> KerasStep:
         """Load a ``.keras`` sequence model in safe mode (no code from the file) and wrap it."""
-        try:
-            model = load_sequence_model(str(path), cfg)
-        except ConfigError as err:
-            raise BundleError(f'{path}: model does not match the bundle config: {err}') from err
-        except (ValueError, OSError, TypeError, zipfile.BadZipFile) as err:
-            raise BundleError(f'{path}: cannot load the Keras model: {err}') from err
-        return cls(model, cfg)
+        return cls(load_sequence_model(path, cfg), cfg)
 
     def run(
         self, frame: np.ndarray, h: np.ndarray, c: np.ndarray

@@ -9,14 +9,13 @@ only when the check is asked for.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from malpi_ros.config import ModelConfig, PreprocessConfig
-from malpi_ros.errors import BundleError, ConfigError
+from malpi_ros.errors import ConfigError
 from malpi_ros.image import normalize
 from malpi_ros.model import load_sequence_model
 
@@ -33,13 +32,7 @@ class SequenceModel:
     @classmethod
     def from_file(cls, path: str | Path, model_cfg: ModelConfig) -> SequenceModel:
         """Load in safe mode (no code from the file) and check it matches the config."""
-        try:
-            model = load_sequence_model(str(path), model_cfg)
-        except ConfigError as err:
-            raise BundleError(f'{path}: model does not match the bundle config: {err}') from err
-        except (ValueError, OSError, TypeError, zipfile.BadZipFile) as err:
-            raise BundleError(f'{path}: cannot load the Keras model: {err}') from err
-        return cls(model, model_cfg)
+        return cls(load_sequence_model(path, model_cfg), model_cfg)
 
     def probabilities(
         self,
