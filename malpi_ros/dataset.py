@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -538,6 +539,7 @@ def load_recordings(
             f'+ seq_len {dataset_cfg.seq_len}) fits in any episode of '
             f'{", ".join(str(b) for b in bags)}; episode lengths: {lengths or "none"}'
         )
+    _check_frame_rates(reports)
     histogram = np.zeros(len(table), np.int64)
     for ep in episodes:
         histogram += np.bincount(ep.labels, minlength=len(table))
@@ -553,6 +555,24 @@ def load_recordings(
         dataset=dataset_cfg,
         preprocess=preprocess_cfg,
     )
+
+
+MAX_DT_SPREAD = 1.25  # recordings whose frame periods differ more than this do not mix
+
+
+def _check_frame_rates(reports: Sequence[BagReport]) -> None:
+    """An LSTM learns dynamics at one frame rate (DESIGN §4) and the bundle stores one dt:
+    recordings made at clearly different rates are refused rather than silently averaged."""
+    rated = [(r.bag, r.dt) for r in reports if math.isfinite(r.dt) and r.dt > 0]
+    if len(rated) < 2:
+        return
+    periods = [dt for _, dt in rated]
+    if max(periods) > MAX_DT_SPREAD * min(periods):
+        listing = ', '.join(f'{bag}: {dt * 1000:.1f} ms' for bag, dt in rated)
+        raise DatasetError(
+            f'recordings have different frame periods ({listing}); the policy learns at one '
+            'rate: train on recordings of one rate, or re-record at the rate the robot runs'
+        )
 
 
 def _load_one(

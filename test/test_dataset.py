@@ -362,3 +362,17 @@ def test_dt_falls_back_to_receive_times_when_a_frame_has_no_header_stamp(tmp_pat
     rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
     assert rec.reports[0].dt_source == 'receive'
     assert rec.dt == pytest.approx(0.1) and rec.episodes[0].dt == pytest.approx(0.1)
+
+
+def test_recordings_at_different_frame_rates_are_refused(tmp_path):
+    """The bundle stores one dt and the LSTM learns one rate: 10 Hz and 20 Hz do not mix."""
+    drive = synthetic_drive(30, height=24, width=32)
+    slow = write_bag(tmp_path / 'slow', frames=drive.frames, commands=drive.commands)
+    fast_frames = [(t / 2, rgb) for t, rgb in drive.frames]
+    fast_commands = [(t / 2, a, b) for t, a, b in drive.commands]
+    fast = write_bag(tmp_path / 'fast', frames=fast_frames, commands=fast_commands)
+    cfg = DatasetConfig(burn_in=0, seq_len=5)
+    with pytest.raises(DatasetError, match='different frame periods') as err:
+        ds.load_recordings([slow, fast], SMALL, cfg, TABLE)
+    assert 'slow' in str(err.value) and 'fast' in str(err.value)
+    assert len(ds.load_recordings([slow, slow], SMALL, cfg, TABLE).episodes) == 2
