@@ -12,42 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from malpi_ros.checks import flag, int_at_least, is_number, non_negative, one_of, positive
 from malpi_ros.errors import ConfigError
 
 T = TypeVar('T')
 
 NORMALIZATIONS = ('unit', 'standardize')
 ACTIVATIONS = ('relu', 'tanh', 'elu', 'linear', 'sigmoid')
-
-
-def _number(value: object) -> bool:
-    """A finite int or float; a bool is not a number here (YAML ``yes`` must not pass as 1)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive(name: str, value: float) -> None:
-    if not (_number(value) and value > 0):
-        raise ConfigError(f'{name} must be > 0, got {value!r}')
-
-
-def _non_negative(name: str, value: float) -> None:
-    if not (_number(value) and value >= 0):
-        raise ConfigError(f'{name} must be >= 0, got {value!r}')
-
-
-def _flag(name: str, value: bool) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f'{name} must be true or false, got {value!r}')
-
-
-def _int_at_least(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f'{name} must be an integer >= {low}, got {value!r}')
-
-
-def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -59,9 +30,9 @@ class ConvSpec:
     stride: int
 
     def __post_init__(self) -> None:
-        _int_at_least('conv filters', self.filters, 1)
-        _int_at_least('conv kernel', self.kernel, 1)
-        _int_at_least('conv stride', self.stride, 1)
+        int_at_least('conv filters', self.filters, 1)
+        int_at_least('conv kernel', self.kernel, 1)
+        int_at_least('conv stride', self.stride, 1)
 
 
 # The MaLPi model of the 2017 write-up: Conv 16@8x8/4, 32@4x4/2, 64@3x3/1.
@@ -83,16 +54,16 @@ class ModelConfig:
     num_actions: int = 5
 
     def __post_init__(self) -> None:
-        _int_at_least('height', self.height, 1)
-        _int_at_least('width', self.width, 1)
+        int_at_least('height', self.height, 1)
+        int_at_least('width', self.width, 1)
         if self.channels not in (1, 3):
             raise ConfigError(f'channels must be 1 or 3, got {self.channels!r}')
         convs = tuple(c if isinstance(c, ConvSpec) else ConvSpec(**c) for c in self.convs)
         object.__setattr__(self, 'convs', convs)
-        _one_of('conv_activation', self.conv_activation, ACTIVATIONS)
-        _one_of('lstm_activation', self.lstm_activation, ACTIVATIONS)
-        _int_at_least('lstm_units', self.lstm_units, 1)
-        _int_at_least('num_actions', self.num_actions, 2)
+        one_of('conv_activation', self.conv_activation, ACTIVATIONS)
+        one_of('lstm_activation', self.lstm_activation, ACTIVATIONS)
+        int_at_least('lstm_units', self.lstm_units, 1)
+        int_at_least('num_actions', self.num_actions, 2)
         h, w = self.height, self.width
         for i, conv in enumerate(convs):
             h, w = (h - conv.kernel) // conv.stride + 1, (w - conv.kernel) // conv.stride + 1
@@ -127,8 +98,8 @@ class PreprocessConfig:
     normalization: str = 'standardize'
 
     def __post_init__(self) -> None:
-        _int_at_least('preprocess height', self.height, 1)
-        _int_at_least('preprocess width', self.width, 1)
+        int_at_least('preprocess height', self.height, 1)
+        int_at_least('preprocess width', self.width, 1)
         if self.channels not in (1, 3):
             raise ConfigError(f'preprocess channels must be 1 or 3, got {self.channels!r}')
         for name in ('crop_top', 'crop_bottom', 'crop_left', 'crop_right'):
@@ -141,7 +112,7 @@ class PreprocessConfig:
                 f'top+bottom={self.crop_top + self.crop_bottom}, '
                 f'left+right={self.crop_left + self.crop_right}'
             )
-        _one_of('normalization', self.normalization, NORMALIZATIONS)
+        one_of('normalization', self.normalization, NORMALIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -195,9 +166,9 @@ class ActionTable:
             raise ConfigError(f'action names must be unique, got {names}')
         if self.stop_action not in names:
             raise ConfigError(f'stop_action {self.stop_action!r} is not an action in {names}')
-        _positive('max_linear', self.max_linear)
-        _positive('max_angular', self.max_angular)
-        _non_negative('dead_zone', self.dead_zone)
+        positive('max_linear', self.max_linear)
+        positive('max_angular', self.max_angular)
+        non_negative('dead_zone', self.dead_zone)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -235,12 +206,12 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.lag, int | float) and math.isfinite(self.lag)):
             raise ConfigError(f'lag must be a finite number of seconds, got {self.lag!r}')
-        _positive('cmd_timeout', self.cmd_timeout)
-        _one_of('stale', self.stale, ('stop', 'drop'))
-        _positive('gap', self.gap)
-        _int_at_least('seq_len', self.seq_len, 1)
-        _int_at_least('stride', self.stride, 1)
-        _int_at_least('burn_in', self.burn_in, 0)
+        positive('cmd_timeout', self.cmd_timeout)
+        one_of('stale', self.stale, ('stop', 'drop'))
+        positive('gap', self.gap)
+        int_at_least('seq_len', self.seq_len, 1)
+        int_at_least('stride', self.stride, 1)
+        int_at_least('burn_in', self.burn_in, 0)
 
     @property
     def window(self) -> int:
@@ -264,17 +235,17 @@ class TrainConfig:
     class_weight_cap: float = 10.0
 
     def __post_init__(self) -> None:
-        _int_at_least('epochs', self.epochs, 1)
-        _int_at_least('min_epochs', self.min_epochs, 0)
-        _flag('class_weighting', self.class_weighting)
-        if not (_number(self.class_weight_cap) and self.class_weight_cap >= 1):
+        int_at_least('epochs', self.epochs, 1)
+        int_at_least('min_epochs', self.min_epochs, 0)
+        flag('class_weighting', self.class_weighting)
+        if not (is_number(self.class_weight_cap) and self.class_weight_cap >= 1):
             raise ConfigError(f'class_weight_cap must be >= 1, got {self.class_weight_cap!r}')
-        _int_at_least('batch_size', self.batch_size, 1)
-        _positive('learning_rate', self.learning_rate)
+        int_at_least('batch_size', self.batch_size, 1)
+        positive('learning_rate', self.learning_rate)
         if not (isinstance(self.val_fraction, int | float) and 0.0 <= self.val_fraction < 1.0):
             raise ConfigError(f'val_fraction must be in [0, 1), got {self.val_fraction!r}')
-        _int_at_least('seed', self.seed, 0)
-        _int_at_least('patience', self.patience, 1)
+        int_at_least('seed', self.seed, 0)
+        int_at_least('patience', self.patience, 1)
 
 
 @dataclass(frozen=True)

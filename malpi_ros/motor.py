@@ -20,17 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from malpi_ros.checks import positive
 from malpi_ros.errors import ConfigError, MotorError
 
 BACKENDS = ('motorkit', 'sim')
 MOTORKIT_PIP = 'adafruit-circuitpython-motorkit'
-
-
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not (
-        isinstance(value, int | float) and math.isfinite(value) and value > 0
-    ):
-        raise ConfigError(f'{name} must be > 0, got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -56,8 +50,8 @@ class MotorConfig:
 
     def __post_init__(self) -> None:
         for name in ('track_width', 'max_wheel_speed', 'max_linear', 'max_angular'):
-            _positive(name, getattr(self, name))
-        _positive('cmd_timeout', self.cmd_timeout)
+            positive(name, getattr(self, name))
+        positive('cmd_timeout', self.cmd_timeout)
         if isinstance(self.deadband, bool) or not (
             isinstance(self.deadband, int | float) and 0.0 <= self.deadband < 1.0
         ):
@@ -112,7 +106,7 @@ class Watchdog:
     """
 
     def __init__(self, timeout: float) -> None:
-        _positive('watchdog timeout', timeout)
+        positive('watchdog timeout', timeout)
         self.timeout = float(timeout)
         self._last: float | None = None
 

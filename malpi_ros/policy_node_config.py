@@ -8,11 +8,11 @@ a value changed later would be silently ignored.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from malpi_ros.actions import SELECTION_MODES, ActionSelector
+from malpi_ros.checks import flag, in_range, positive
 from malpi_ros.errors import ConfigError
 from malpi_ros.policy import BACKENDS
 
@@ -21,24 +21,6 @@ IMAGE_TOPIC = 'image'  # relative: remapped to the camera topic in launch files
 CMD_VEL_TOPIC = 'cmd_vel'
 # Topics the node subscribes or publishes under relative names (launch files may remap these).
 TOPICS = (IMAGE_TOPIC, CMD_VEL_TOPIC)
-
-
-def _number(name: str, value: Any, low: float, high: float = math.inf) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and low <= value <= high):
-        bounds = f'in [{low}, {high}]' if math.isfinite(high) else f'>= {low}'
-        raise ConfigError(f'{name} must be a number {bounds}, got {value!r}')
-
-
-def _positive(name: str, value: Any) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise ConfigError(f'{name} must be a number of seconds > 0, got {value!r}')
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f'{name} must be true or false, got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -82,14 +64,14 @@ class PolicyNodeConfig:
             )
         if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int):
             raise ConfigError(f'num_threads must be an integer >= 1, got {self.num_threads!r}')
-        _number('num_threads', self.num_threads, 1, 64)
+        in_range('num_threads', self.num_threads, 1, 64)
         self.selector()  # ActionSelector checks selection, epsilon and seed
-        _number('max_frame_age', self.max_frame_age, 0.0)
-        _positive('stop_after', self.stop_after)
-        _positive('reset_after_gap', self.reset_after_gap)
-        _positive('diagnostics_period', self.diagnostics_period)
+        in_range('max_frame_age', self.max_frame_age, 0.0)
+        positive('stop_after', self.stop_after)
+        positive('reset_after_gap', self.reset_after_gap)
+        positive('diagnostics_period', self.diagnostics_period)
         for name in ('compressed', 'start_enabled', 'reset_every_frame', 'respect_dt'):
-            _flag(name, getattr(self, name))
+            flag(name, getattr(self, name))
 
     def selector(self) -> ActionSelector:
         """A new selector (its own random state, seeded) for one Policy."""

@@ -132,7 +132,7 @@ def test_bad_options_are_refused_before_anything_is_published(bags):
     done = play([str(bags['mcap']), '--start', '5'], ros_env())
     assert done.returncode == 1 and 'past the end' in done.stderr
     done = play([str(bags['mcap']), '--rate', '0'], ros_env())
-    assert done.returncode == 2 and 'rate must be > 0' in done.stderr
+    assert done.returncode == 2 and "--rate: must be > 0, got '0'" in done.stderr
 
 
 def test_loop_repeats_the_bag_until_sigint_then_exits_cleanly(bags, tmp_path):

@@ -19,33 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-
-def _seconds(minimum_inclusive: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f'expected seconds, got {text!r}') from err
-        ok = value >= 0 if minimum_inclusive else value > 0
-        if not ok or value != value or value == float('inf'):
-            bound = '>= 0' if minimum_inclusive else '> 0'
-            raise argparse.ArgumentTypeError(f'must be {bound} seconds, got {text!r}')
-        return value
-
-    return parse
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from err
-    if not (0 < value < float('inf')):
-        raise argparse.ArgumentTypeError(f'rate must be > 0, got {text!r}')
-    return value
+from malpi_ros.commands import non_negative_number, positive_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,13 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--topics', nargs='+', metavar='TOPIC', help='play only these topics (default: all)'
     )
     parser.add_argument(
-        '--rate', type=_rate, default=1.0, help='speed factor: 2 plays twice as fast (default 1)'
+        '--rate',
+        type=positive_number,
+        default=1.0,
+        help='speed factor: 2 plays twice as fast (default 1)',
     )
     parser.add_argument(
-        '--start', type=_seconds(True), default=0.0, metavar='S', help='begin S s into the bag'
+        '--start',
+        type=non_negative_number,
+        default=0.0,
+        metavar='S',
+        help='begin S s into the bag',
     )
     parser.add_argument(
-        '--duration', type=_seconds(False), metavar='D', help='play D s of the bag (default: all)'
+        '--duration', type=positive_number, metavar='D', help='play D s of the bag (default: all)'
     )
     parser.add_argument('--loop', action='store_true', help='play again and again until Ctrl-C')
     parser.add_argument(
@@ -72,14 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         '--wait-for-subscribers',
-        type=_seconds(True),
+        type=non_negative_number,
         default=1.0,
         metavar='S',
         help='wait up to S s for every topic to have a subscriber before starting (default 1)',
     )
     parser.add_argument(
         '--delay',
-        type=_seconds(True),
+        type=non_negative_number,
         default=0.0,
         metavar='S',
         help='wait S s more before the first message (default 0)',

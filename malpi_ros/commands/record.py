@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from malpi_ros.commands import positive_number
+
 STORAGES = ('mcap', 'sqlite3')
 
 
@@ -33,21 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--topics', nargs='+', required=True, metavar='TOPIC', help='topics to record'
     )
     parser.add_argument(
-        '--duration', type=_positive, metavar='S', help='stop after S seconds (default: Ctrl-C)'
+        '--duration',
+        type=positive_number,
+        metavar='S',
+        help='stop after S seconds (default: Ctrl-C)',
     )
     parser.add_argument(
         '--storage', choices=STORAGES, default='mcap', help='storage format (default: mcap)'
     )
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f'expected seconds, got {text!r}') from err
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'must be > 0 seconds, got {text!r}')
-    return value
 
 
 def build_parser(prog: str = 'malpi-ros record') -> argparse.ArgumentParser:

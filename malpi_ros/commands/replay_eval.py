@@ -29,19 +29,11 @@ import json
 import sys
 from pathlib import Path
 
+from malpi_ros.commands import positive_number
+
 REPORT_FILE = 'report.json'
 TEXT_FILE = 'report.txt'
 PLOT_FILE = 'actions.png'
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from err
-    if not (0 < value < float('inf')):
-        raise argparse.ArgumentTypeError(f'must be > 0, got {text!r}')
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,18 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="publish at the bag's timing to a node with its robot defaults (default: lockstep)",
     )
     parser.add_argument(
-        '--rate', type=_positive, default=1.0, help='speed factor for --realtime (default 1)'
+        '--rate', type=positive_number, default=1.0, help='speed factor for --realtime (default 1)'
     )
     parser.add_argument(
         '--frame-timeout',
-        type=_positive,
+        type=positive_number,
         default=5.0,
         metavar='S',
         help='lockstep: wait at most S s for each output (default 5)',
     )
     parser.add_argument(
         '--startup-timeout',
-        type=_positive,
+        type=positive_number,
         default=60.0,
         metavar='S',
         help='wait at most S s for policy_node to come up (default 60)',

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from malpi_ros.config import _int_at_least, _non_negative, _positive
+from malpi_ros.checks import int_at_least, non_negative, positive
 from malpi_ros.errors import ConfigError
 from malpi_ros.sim.robot import Pose
 from malpi_ros.sim.track import FLOOR_RGB, Track
@@ -45,11 +45,11 @@ class CameraConfig:
     flicker: float = 0.02
 
     def __post_init__(self) -> None:
-        _int_at_least('camera width', self.width, 8)
-        _int_at_least('camera height', self.height, 8)
+        int_at_least('camera width', self.width, 8)
+        int_at_least('camera height', self.height, 8)
         if not (isinstance(self.hfov_deg, int | float) and 10.0 <= self.hfov_deg <= 150.0):
             raise ConfigError(f'camera hfov_deg must be in [10, 150], got {self.hfov_deg!r}')
-        _positive('camera mount_height', self.mount_height)
+        positive('camera mount_height', self.mount_height)
         if not (isinstance(self.mount_forward, int | float) and math.isfinite(self.mount_forward)):
             raise ConfigError(f'camera mount_forward must be finite, got {self.mount_forward!r}')
         if not (isinstance(self.tilt_deg, int | float) and 0.0 < self.tilt_deg < 90.0):
@@ -62,7 +62,7 @@ class CameraConfig:
                 f'hfov {self.hfov_deg}) by 2 deg, so that the whole image sees the floor'
             )
         for name in ('noise_std', 'bias_jitter', 'tint_jitter', 'flicker'):
-            _non_negative(f'camera {name}', getattr(self, name))
+            non_negative(f'camera {name}', getattr(self, name))
         for name in ('gain_jitter', 'tint_jitter', 'flicker'):
             if getattr(self, name) >= 0.5:
                 raise ConfigError(f'camera {name} must be < 0.5, got {getattr(self, name)!r}')

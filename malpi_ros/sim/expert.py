@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malpi_ros.config import ActionTable, _positive
+from malpi_ros.checks import positive
+from malpi_ros.config import ActionTable
 from malpi_ros.errors import ConfigError
 from malpi_ros.sim.robot import Pose, sim_action_table
 from malpi_ros.sim.track import BRANCHES, Track
@@ -35,8 +36,8 @@ class ExpertConfig:
     right: str = 'right'
 
     def __post_init__(self) -> None:
-        _positive('expert lookahead', self.lookahead)
-        _positive('expert curvature_threshold', self.curvature_threshold)
+        positive('expert lookahead', self.lookahead)
+        positive('expert curvature_threshold', self.curvature_threshold)
 
 
 class Expert:

@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from malpi_ros.config import Action, ActionTable, _non_negative, _positive
+from malpi_ros.checks import non_negative, positive
+from malpi_ros.config import Action, ActionTable
 from malpi_ros.errors import ConfigError
 
 # Designed for one action per frame at 10 Hz (dt = 0.1 s): forward covers 3.5 cm a frame; a
@@ -57,11 +58,11 @@ class RobotConfig:
     wheel_noise: float = 0.03
 
     def __post_init__(self) -> None:
-        _positive('robot track_width', self.track_width)
-        _positive('robot max_wheel_speed', self.max_wheel_speed)
-        _positive('robot max_linear', self.max_linear)
-        _positive('robot max_angular', self.max_angular)
-        _non_negative('robot wheel_noise', self.wheel_noise)
+        positive('robot track_width', self.track_width)
+        positive('robot max_wheel_speed', self.max_wheel_speed)
+        positive('robot max_linear', self.max_linear)
+        positive('robot max_angular', self.max_angular)
+        non_negative('robot wheel_noise', self.wheel_noise)
         if self.wheel_noise > 0.5:
             raise ConfigError(f'robot wheel_noise must be <= 0.5, got {self.wheel_noise!r}')
 

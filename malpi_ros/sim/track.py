@@ -30,7 +30,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from malpi_ros.config import _int_at_least, _positive
+from malpi_ros.checks import int_at_least, positive
 from malpi_ros.errors import ConfigError
 from malpi_ros.sim.robot import Pose
 
@@ -84,12 +84,12 @@ class TrackConfig:
             'map_margin',
             'spacing',
         ):
-            _positive(f'track {name}', getattr(self, name))
+            positive(f'track {name}', getattr(self, name))
         for name in ('side_length', 'run_in', 'fork_flat', 'run_out'):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f'track {name} must be >= 0, got {value!r}')
-        _int_at_least('track floor_seed', self.floor_seed, 0)
+        int_at_least('track floor_seed', self.floor_seed, 0)
         if self.off_track_margin <= self.tape_width / 2:
             raise ConfigError(
                 f'track off_track_margin ({self.off_track_margin}) must exceed half the tape '

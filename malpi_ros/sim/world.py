@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from malpi_ros.config import ActionTable, _int_at_least, _non_negative, from_dict
+from malpi_ros.checks import int_at_least, non_negative
+from malpi_ros.config import ActionTable, from_dict
 from malpi_ros.errors import ConfigError
 from malpi_ros.sim.camera import Camera, CameraConfig, Lighting, draw_lighting
 from malpi_ros.sim.expert import Expert, ExpertConfig
@@ -73,13 +74,13 @@ class SimConfig:
                 )
         if not (isinstance(self.dt, int | float) and 0.0 < self.dt <= 1.0):
             raise ConfigError(f'sim dt must be in (0, 1] seconds, got {self.dt!r}')
-        _int_at_least('sim seed', self.seed, 0)
+        int_at_least('sim seed', self.seed, 0)
         if not isinstance(self.reset_on_off_track, bool):
             raise ConfigError(
                 f'sim reset_on_off_track must be true or false, got {self.reset_on_off_track!r}'
             )
-        _non_negative('sim start_jitter', self.start_jitter)
-        _non_negative('sim start_heading_jitter', self.start_heading_jitter)
+        non_negative('sim start_jitter', self.start_jitter)
+        non_negative('sim start_heading_jitter', self.start_heading_jitter)
         if self.start_jitter >= self.track.off_track_margin:
             raise ConfigError(
                 f'sim start_jitter ({self.start_jitter}) must be below the track '
@@ -136,7 +137,7 @@ class SimWorld:
     def reset(self, seed: int | None = None) -> Pose:
         """Start at the start line (mid top straight), lap 0, counters zeroed."""
         if seed is not None:
-            _int_at_least('seed', seed, 0)
+            int_at_least('seed', seed, 0)
             self.seed = seed
             streams = np.random.SeedSequence(seed).spawn(5)
             self._cue_rng, self._light_rng, self._noise_rng, motion, self._start_rng = (
