@@ -350,7 +350,7 @@ class _FrameSink:
                 self.array = self._allocate(2 * len(old))
                 self.array[: len(old)] = old
             else:
-                grown = self.path.with_suffix('.grow.npy')
+                grown = self.path.with_suffix(f'.{os.getpid()}.grow.npy')
                 new = np.lib.format.open_memmap(
                     grown, mode='w+', dtype=np.uint8, shape=(2 * len(old), *self.shape)
                 )
@@ -441,7 +441,7 @@ def _read_bag(
 
 
 def _save_meta(path: Path, read: _Read) -> None:
-    tmp = path.with_suffix('.tmp.npz')
+    tmp = path.with_suffix(f'.{os.getpid()}.tmp.npz')  # two trainings may share a cache
     info = {
         'image_messages': read.image_messages,
         'malformed': read.malformed,
