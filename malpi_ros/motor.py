@@ -73,22 +73,34 @@ def _clamp(value: float, limit: float) -> float:
     return max(-limit, min(limit, value))
 
 
-def mix(linear_x: float, angular_z: float, cfg: MotorConfig) -> tuple[float, float]:
-    """(left, right) throttles in [-1, 1] for a body velocity; a non-finite command is a stop.
+def wheel_throttles(
+    linear: float, angular: float, track_width: float, max_wheel_speed: float
+) -> tuple[float, float]:
+    """Skid-steer kinematics: (left, right) throttles in [-1, 1] for a body velocity.
 
     Saturation scales both wheels by the same factor: clipping only the faster wheel would
     change the turn radius, and the policy's actions are learned as radii, not wheel speeds.
+    The motor driver and the simulator both use this, so they move the robot alike.
+    """
+    half = angular * track_width / 2.0
+    left = (linear - half) / max_wheel_speed
+    right = (linear + half) / max_wheel_speed
+    peak = max(abs(left), abs(right))
+    if peak > 1.0:
+        left, right = left / peak, right / peak
+    return left, right
+
+
+def mix(linear_x: float, angular_z: float, cfg: MotorConfig) -> tuple[float, float]:
+    """The driver's command: clamped to the limits, ``wheel_throttles``, deadband, wiring.
+
+    A non-finite command is a stop.
     """
     if not (math.isfinite(linear_x) and math.isfinite(angular_z)):
         return 0.0, 0.0
     v = _clamp(float(linear_x), cfg.max_linear)
     w = _clamp(float(angular_z), cfg.max_angular)
-    half = w * cfg.track_width / 2.0
-    left = (v - half) / cfg.max_wheel_speed
-    right = (v + half) / cfg.max_wheel_speed
-    peak = max(abs(left), abs(right))
-    if peak > 1.0:
-        left, right = left / peak, right / peak
+    left, right = wheel_throttles(v, w, cfg.track_width, cfg.max_wheel_speed)
     left = 0.0 if abs(left) < cfg.deadband else left
     right = 0.0 if abs(right) < cfg.deadband else right
     if cfg.invert_left:

@@ -16,6 +16,7 @@ import numpy as np
 from malpi_ros.checks import non_negative, positive
 from malpi_ros.config import Action, ActionTable
 from malpi_ros.errors import ConfigError
+from malpi_ros.motor import wheel_throttles
 
 # Designed for one action per frame at 10 Hz (dt = 0.1 s): forward covers 3.5 cm a frame; a
 # turn is a 0.25 m-radius arc that keeps moving forward (0.1 rad a frame), tight enough for the
@@ -88,13 +89,7 @@ def twist_to_wheels(linear: float, angular: float, config: RobotConfig) -> tuple
     A twist beyond what the wheels can do is scaled down as a whole, so the arc's curvature
     (where the robot goes) is kept and only its speed drops.
     """
-    half = angular * config.track_width / 2.0
-    left = (linear - half) / config.max_wheel_speed
-    right = (linear + half) / config.max_wheel_speed
-    peak = max(abs(left), abs(right))
-    if peak > 1.0:
-        left, right = left / peak, right / peak
-    return left, right
+    return wheel_throttles(linear, angular, config.track_width, config.max_wheel_speed)
 
 
 def integrate(pose: Pose, linear: float, angular: float, dt: float) -> Pose:
