@@ -43,10 +43,12 @@ format: install
 bench: build
 	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
+# Record the simulator's expert, train on it, drive the simulated MaLPi through the ROS graph
+# with the LSTM state carried and then reset every frame; the table, PNG and everything else go
+# to demo_runs/<timestamp>/. -P: the installed package, not this source tree (no messages here).
+# DEMO_ARGS: e.g. DEMO_ARGS='--laps 5' or DEMO_ARGS='--bundle demo_runs/<run>/bundle'.
 demo: build
-	@echo "make demo will record expert driving in the simulator, train a conv+LSTM bundle on it,"
-	@echo "drive the simulated MaLPi with it through the ROS graph, and compare it with the"
-	@echo "reset-every-frame ablation. It is not implemented yet (issue: the simulator and demo)."
+	$(PY) -P -m malpi_ros.demo --out demo_runs $(DEMO_ARGS)
 
 constraints: install
 	{ echo "# Every version make test installs, the ros-* wheels included. Regenerate with"; \

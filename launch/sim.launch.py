@@ -1,0 +1,79 @@
+"""The simulated MaLPi: sim_node, policy_node and motor_driver_node with config/sim.yaml.
+
+    ros2 launch malpi_ros sim.launch.py bundle:=/path/to/bundle [reset_every_frame:=true]
+
+The same graph ``make demo`` (``malpi_ros.demo``) starts process by process on machines without
+``ros2 launch``: same parameter file, same remaps (``REMAPS`` below; the demo's test checks
+they agree). Watch it with ``ros2 topic echo /sim_node/progress``.
+"""
+
+from __future__ import annotations
+
+# node -> [(from, to)]: relative names of each node, wired into one graph.
+REMAPS = {
+    'sim_node': [('wheels', '/motor_driver_node/wheels')],
+    'policy_node': [('image', '/camera/image_raw')],
+    'motor_driver_node': [],
+}
+ARGUMENTS = {
+    'bundle': ('', 'the model bundle directory (malpi-ros train --out ...)'),
+    'backend': ('litert', 'policy runtime: litert | keras'),
+    'reset_every_frame': ('false', 'the ablation: reset the LSTM state before every frame'),
+    'params_file': ('', 'parameter file (default: share/malpi_ros/config/sim.yaml)'),
+}
+
+
+def generate_launch_description():
+    from pathlib import Path
+
+    from ament_index_python.packages import get_package_share_directory
+    from launch import LaunchDescription
+    from launch.actions import DeclareLaunchArgument
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import Node
+
+    default_params = str(Path(get_package_share_directory('malpi_ros')) / 'config' / 'sim.yaml')
+    declared = [
+        DeclareLaunchArgument(
+            name,
+            default_value=default_params if name == 'params_file' else default,
+            description=doc,
+        )
+        for name, (default, doc) in ARGUMENTS.items()
+    ]
+    params = LaunchConfiguration('params_file')
+    nodes = [
+        Node(
+            package='malpi_ros',
+            executable='sim_node',
+            name='sim_node',
+            parameters=[params],
+            remappings=REMAPS['sim_node'],
+            output='screen',
+        ),
+        Node(
+            package='malpi_ros',
+            executable='policy_node',
+            name='policy_node',
+            parameters=[
+                params,
+                {
+                    'bundle': LaunchConfiguration('bundle'),
+                    'backend': LaunchConfiguration('backend'),
+                    # launch_ros reads 'true'/'false' as a bool, as YAML would.
+                    'reset_every_frame': LaunchConfiguration('reset_every_frame'),
+                },
+            ],
+            remappings=REMAPS['policy_node'],
+            output='screen',
+        ),
+        Node(
+            package='malpi_ros',
+            executable='motor_driver_node',
+            name='motor_driver_node',
+            parameters=[params],
+            remappings=REMAPS['motor_driver_node'],
+            output='screen',
+        ),
+    ]
+    return LaunchDescription([*declared, *nodes])
