@@ -174,7 +174,15 @@ def _read_history(path: Path) -> dict[str, list[float]]:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     keys = [k for k in (rows[0] if rows else {}) if k != 'epoch']
-    return {k: [float(r[k]) for r in rows] for k in keys}
+    return {k: [_csv_float(r[k]) for r in rows] for k in keys}
+
+
+def _csv_float(text: str) -> float:
+    """A CSVLogger cell: Keras writes 'NA' for a metric an epoch did not have (no validation)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float('nan')
 
 
 def train(

@@ -201,6 +201,19 @@ def test_command_line_flags_override_the_config_file(tmp_path):
     assert not out.with_name('b.cache').exists()
 
 
+def test_no_validation_split_trains_and_scores_on_training_windows(tmp_path):
+    """--val-fraction 0: Keras' history has no val_* values (CSV 'NA'); the run still ends
+    with a bundle whose metrics say they were taken on the training windows."""
+    bags = drive_bags(tmp_path, count=1, n=30)
+    out = tmp_path / 'b'
+    code = run_train(*bags, '--out', out, '--config', tiny_config(tmp_path), '--no-cache',
+                     '--val-fraction', '0', '--epochs', '2')  # fmt: skip
+    assert code == 0
+    metrics = load_bundle(out).metadata['metrics']
+    assert metrics['scored_on'].startswith('training')
+    assert metrics['epochs_run'] == 2 and metrics['accuracy'] is not None
+
+
 def test_the_model_learns_what_is_in_the_data(tmp_path):
     """The commanded action is drawn in every frame (a coloured bar): > 90% on held-out
     episodes after a few epochs."""
