@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ import numpy as np
 
 from malpi_ros import bags as bagio
 from malpi_ros.errors import ConfigError, MalpiError
+from malpi_ros.processes import stop_process
 from malpi_ros.sim.plot import plot_trajectories
 from malpi_ros.sim.track import get_track
 from malpi_ros.sim.world import SimConfig, SimWorld
@@ -367,20 +367,9 @@ def processes(
         yield started
     finally:
         for name in reversed(list(started)):
-            stop_process(started[name])
+            stop_process(started[name], STOP_TIMEOUT)
         for log in files:
             log.close()
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def drive(

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -66,6 +65,7 @@ from malpi_ros.msg import PolicyOutput
 from malpi_ros.player_node import SETTLE, qos_profile, wait_until
 from malpi_ros.policy_node_config import NODE_NAME as POLICY_NODE
 from malpi_ros.policy_node_config import PARAMETERS
+from malpi_ros.processes import stop_process
 from malpi_ros.record_node import Recorder
 from malpi_ros.replay import (
     FramePlan,
@@ -257,18 +257,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return '\n'.join(path.read_text(errors='replace').splitlines()[-lines:])
     except OSError:
         return '(no log)'
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> int:
-    """SIGINT (the node publishes a final zero Twist and exits 0), then kill if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(NODE_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -464,7 +452,7 @@ def replay_eval(
                 commands_received = node.command_count()
         finally:
             if proc is not None:
-                code = _stop_process(proc)
+                code = stop_process(proc, NODE_STOP_TIMEOUT)
                 if code not in (0, -2, 130):
                     say(f'policy_node exited with {code}; its log: {node_log}')
             time.sleep(0.2)  # the node's final zero Twist reaches the recorder

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from malpi_ros.processes import stop_process
 
 VENV = Path(sys.prefix)
 NODE_DIR = VENV / 'lib' / 'malpi_ros'
@@ -59,14 +60,7 @@ def running(
 
 def stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> int:
     """Ask a process to stop as Ctrl-C would, and kill it if it does not; returns its code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    return stop_process(proc, timeout)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
