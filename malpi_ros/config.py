@@ -19,6 +19,7 @@ T = TypeVar('T')
 
 NORMALIZATIONS = ('unit', 'standardize')
 ACTIVATIONS = ('relu', 'tanh', 'elu', 'linear', 'sigmoid')
+TRAINING_STATES = ('carried', 'zero')
 
 
 @dataclass(frozen=True)
@@ -190,16 +191,26 @@ class DatasetConfig:
     ``cmd_timeout``: a frame whose latest command is older than this is ``stale``; it is
     labelled ``stop`` (``stale='stop'``) or dropped (``stale='drop'``).
     ``gap``: a pause between frames longer than this starts a new episode.
-    ``seq_len`` / ``stride``: windows of that many frames, started every ``stride`` frames.
-    ``burn_in``: the first ``burn_in`` steps of each window carry no loss, so the LSTM state
-    is warmed up before it is judged (a window is ``burn_in + seq_len`` frames long).
+    ``state``: how training treats the LSTM state (README "The memory recipe"):
+      ``carried`` (default): each episode is cut into consecutive chunks of ``seq_len`` frames
+      and the state at the end of one chunk starts the next (truncated backpropagation through
+      time), so training visits the states the robot reaches after minutes of driving;
+      ``zero``: independent windows of ``burn_in + seq_len`` frames, each from a zero state,
+      started every ``stride`` frames (the seed's recipe; memory holds only within a window's
+      length of a reset, DESIGN §4).
+    ``seq_len``: frames per chunk (``carried``) or scored frames per window (``zero``); the
+    gradient reaches back at most this far, so it should be about twice the distance from a
+    cue to the decision that needs it.
+    ``burn_in``: the first ``burn_in`` steps after a zero state carry no loss, so the state is
+    warmed up before it is judged (in ``zero`` a window is ``burn_in + seq_len`` frames long).
     """
 
     lag: float = 0.0
     cmd_timeout: float = 0.5
     stale: str = 'stop'
     gap: float = 1.0
-    seq_len: int = 10
+    state: str = 'carried'
+    seq_len: int = 32
     stride: int = 5
     burn_in: int = 10
 
@@ -209,12 +220,14 @@ class DatasetConfig:
         positive('cmd_timeout', self.cmd_timeout)
         one_of('stale', self.stale, ('stop', 'drop'))
         positive('gap', self.gap)
+        one_of('state', self.state, TRAINING_STATES)
         int_at_least('seq_len', self.seq_len, 1)
         int_at_least('stride', self.stride, 1)
         int_at_least('burn_in', self.burn_in, 0)
 
     @property
     def window(self) -> int:
+        """Frames of one training window (``zero``), and the shortest usable episode."""
         return self.burn_in + self.seq_len
 
 

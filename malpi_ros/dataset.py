@@ -194,6 +194,63 @@ def windows(episodes: Sequence[Episode], cfg: DatasetConfig) -> np.ndarray:
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
 
 
+# Columns of a chunk plan (``chunk_plan``): which frames a lane steps through next.
+PLAN_EPISODE, PLAN_START, PLAN_LENGTH, PLAN_SINCE_RESET = range(4)
+
+
+def chunk_plan(
+    lengths: Sequence[int],
+    chunk: int,
+    lanes: int,
+    rng: np.random.Generator | None = None,
+    batches: int | None = None,
+    split: bool = True,
+) -> np.ndarray:
+    """int64 (batches, lanes, 4): what each of ``lanes`` parallel state lanes steps through.
+
+    Row ``[b, lane]`` is ``[episode, first frame, length, steps since the state was zero]``:
+    batch ``b`` of lane ``lane`` continues from the state that batch ``b - 1`` of the same lane
+    ended with, unless ``steps since`` is 0 (a zero state: an episode or piece starts). Length 0
+    is padding (no frames, no loss). Each episode is cut into consecutive chunks of ``chunk``
+    frames (its last chunk may be shorter); with ``split`` episodes are cut into pieces of
+    about ``total / lanes`` frames so that every lane has work (without it, as validation
+    does, every episode runs whole from one zero state); pieces are dealt to the lane with the
+    least work. With ``rng`` every epoch differs: each episode starts at a random offset
+    below ``chunk`` (chunk boundaries move relative to the content) and pieces are shuffled;
+    without it the plan is fixed (validation). ``batches``: the plan is cut or padded to
+    that many batches (an epoch of a known length; a cut loses the ends of a few lanes).
+    """
+    if chunk < 1 or lanes < 1:
+        raise DatasetError(f'chunk and lanes must be >= 1, got {chunk} and {lanes}')
+    spans = []
+    for episode, n in enumerate(lengths):
+        offset = int(rng.integers(0, min(chunk, n))) if rng is not None and n > 1 else 0
+        if n - offset > 0:
+            spans.append((episode, offset, n - offset))
+    if not spans:
+        return np.zeros((batches or 0, lanes, 4), np.int64)
+    total_chunks = sum(-(-n // chunk) for _, _, n in spans)
+    longest = max(n for _, _, n in spans)
+    piece = chunk * max(1, -(-total_chunks // lanes)) if split else longest  # whole chunks
+    pieces = [
+        (episode, start + at, min(piece, n - at))
+        for episode, start, n in spans
+        for at in range(0, n, piece)
+    ]
+    if rng is not None:
+        pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+    work: list[list[tuple[int, int, int, int]]] = [[] for _ in range(lanes)]
+    for episode, start, n in pieces:
+        lane = min(range(lanes), key=lambda i: len(work[i]))
+        work[lane] += [(episode, start + at, min(chunk, n - at), at) for at in range(0, n, chunk)]
+    length = max(len(w) for w in work) if batches is None else batches
+    plan = np.zeros((length, lanes, 4), np.int64)
+    for lane, rows in enumerate(work):
+        if rows := rows[:length]:
+            plan[: len(rows), lane] = rows
+    return plan
+
+
 def short_episodes(episodes: Sequence[Episode], cfg: DatasetConfig) -> int:
     """How many episodes are too short for one window of ``cfg.window`` frames."""
     return sum(1 for ep in episodes if len(ep) < cfg.window)

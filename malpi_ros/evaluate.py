@@ -20,6 +20,7 @@ No TensorFlow at module level: the LiteRT path without the parity check never im
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -97,6 +98,62 @@ class EpisodeResult:
         return out
 
 
+# Buckets of frames since the last reset (upper bounds, inclusive): memory that drifts shows
+# as accuracy falling from the first buckets to the last.
+SINCE_RESET_EDGES = (20, 50, 200)
+
+
+@dataclass(frozen=True)
+class SinceResetBucket:
+    """Accuracy of the frames ``first..last`` steps after the last reset (1 = the first step;
+    ``last`` None: no upper bound)."""
+
+    first: int
+    last: int | None
+    correct: int
+    frames: int
+
+    @property
+    def name(self) -> str:
+        return f'{self.first}-{self.last}' if self.last is not None else f'{self.first}+'
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.frames if self.frames else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'frames_since_reset': self.name, 'frames': self.frames, 'accuracy': self.accuracy}
+
+
+def accuracy_since_reset(
+    episodes: Sequence[EpisodeResult],
+    reset_every_frame: bool,
+    focus: Sequence[int] | None = None,
+    edges: Sequence[int] = SINCE_RESET_EDGES,
+) -> tuple[SinceResetBucket, ...]:
+    """Accuracy by frames since the last reset (the state is zeroed at each episode start, or
+    before every frame with ``reset_every_frame``), over the frames whose label is in ``focus``
+    (e.g. the turns that need memory) or over all frames."""
+    since = [
+        np.ones(len(e), np.int64) if reset_every_frame else np.arange(1, len(e) + 1)
+        for e in episodes
+    ]
+    steps = np.concatenate(since) if since else np.zeros(0, np.int64)
+    labels = np.concatenate([e.labels for e in episodes]) if episodes else steps
+    right = (
+        np.concatenate([e.actions == e.labels for e in episodes])
+        if episodes
+        else np.zeros(0, bool)
+    )
+    chosen = np.isin(labels, list(focus)) if focus else np.ones(len(labels), bool)
+    bounds = [0, *edges, None]
+    out = []
+    for low, high in itertools.pairwise(bounds):
+        inside = chosen & (steps > low) & ((steps <= high) if high is not None else True)
+        out.append(SinceResetBucket(low + 1, high, int(right[inside].sum()), int(inside.sum())))
+    return tuple(out)
+
+
 @dataclass(frozen=True, eq=False)
 class EvaluationReport:
     """What ``evaluate_bundle`` found; ``to_dict`` is report.json, ``format_text`` the terminal."""
@@ -112,6 +169,10 @@ class EvaluationReport:
     parity: Agreement | None  # step runtime vs sequence model on every frame
     data_summary: str  # load_recordings' description of the bags
     seconds: float
+    focus: tuple[int, ...] = ()  # actions whose frames the since-reset accuracy is about
+
+    def since_reset(self) -> tuple[SinceResetBucket, ...]:
+        return accuracy_since_reset(self.episodes, self.reset_every_frame, self.focus)
 
     @property
     def frames(self) -> int:
@@ -154,6 +215,10 @@ class EvaluationReport:
             'metrics': self.metrics.to_dict(),
             'parity': None if self.parity is None else self.parity.to_dict(),
             'step_ms': self.step_ms(),
+            'since_reset': {
+                'focus': [self.action_names[a] for a in self.focus] or 'all frames',
+                'buckets': [b.to_dict() for b in self.since_reset()],
+            },
             'seconds': self.seconds,
             'stamp_clock': 'bag receive time of the image message (s)',
             'episodes': [e.to_dict(self.action_names) for e in self.episodes],
@@ -184,6 +249,14 @@ class EvaluationReport:
                 f'{", every frame its own" if self.reset_every_frame else ""}): '
                 f'max |dp| {p.max_abs_diff:.2e}, mean {p.mean_abs_diff:.2e}, same action on '
                 f'{p.action_agreement:.2%} of {p.frames} frames ({p.disagreements} differ)'
+            )
+        focus = ', '.join(self.action_names[a] for a in self.focus) or 'all'
+        lines.append(f'accuracy by frames since the last reset ({focus} frames):')
+        for bucket in self.since_reset():
+            acc = bucket.accuracy
+            lines.append(
+                f'  {bucket.name:>8}: '
+                + (f'{acc:.3f} of {bucket.frames}' if acc is not None else 'no frames')
             )
         times = self.step_ms()
         lines.append(
@@ -233,13 +306,16 @@ def evaluate_bundle(
     dataset: DatasetConfig | None = None,
     cache_dir: str | Path | None = None,
     num_threads: int = 2,
+    focus: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
     """Run the bundle's step runtime over every episode of ``bags`` and score it.
 
     ``dataset`` None: the bundle's own labelling rules (see ``dataset_config_of``). Episodes
     of any length count (windows are a training matter). ``parity`` also runs the sequence
-    model over each episode (imports TensorFlow). Errors name the bag, topic or bundle file.
+    model over each episode (imports TensorFlow). ``focus``: action names whose frames the
+    accuracy by frames since the last reset is reported on (all frames when empty). Errors
+    name the bag, topic or bundle file.
     """
     started = time.perf_counter()
     if backend not in BACKENDS:
@@ -249,6 +325,11 @@ def evaluate_bundle(
     assert loaded is not None  # from_bundle sets it
     config = loaded.config
     step = policy.step_fitted
+    unknown = sorted(set(focus) - set(config.actions.names))
+    if unknown:
+        raise ConfigError(
+            f'focus actions {unknown} are not in the action table {list(config.actions.names)}'
+        )
     rules = dataset if dataset is not None else dataset_config_of(loaded)
     # Every episode is scored, however short: windows only matter to training.
     rules_for_loading = replace(rules, seq_len=1, burn_in=0, stride=1)
@@ -303,6 +384,7 @@ def evaluate_bundle(
         parity=check,
         data_summary=_describe_data(recordings),
         seconds=time.perf_counter() - started,
+        focus=tuple(config.actions.names.index(name) for name in focus),
     )
 
 

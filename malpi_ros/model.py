@@ -135,6 +135,31 @@ def build_step_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.Mod
     return keras.Model({'frame': frame, 'h': h, 'c': c}, outputs, name='malpi_step')
 
 
+def build_carried_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.Model:
+    """The training model for a state carried across chunks (truncated BPTT):
+    {frames (B, T, H, W, C), h, c} -> {probs (B, T, actions), h_next, c_next}.
+
+    The sequence model with its initial state as an input and its final state as an output,
+    made of ``sequence_model``'s layers (the LSTM's own cell), so training it trains the
+    bundle's sequence and step models. From a zero state it gives the sequence model's
+    outputs.
+    """
+    frame_layers, lstm, dense = _shared_layers(cfg, sequence_model)
+    frames = keras.Input(shape=(None, *cfg.input_shape), name=SEQUENCE_INPUT, dtype='float32')
+    h = keras.Input(shape=(cfg.lstm_units,), name='h', dtype='float32')
+    c = keras.Input(shape=(cfg.lstm_units,), name='c', dtype='float32')
+    folded = FoldTime(name='fold_time_carried')(frames)
+    sequence = UnfoldTime(name='unfold_time_carried')(_encode(frame_layers, folded), like=frames)
+    carried = layers.RNN(lstm.cell, return_sequences=True, return_state=True, name='lstm_carried')
+    out, h_next, c_next = carried(sequence, initial_state=[h, c])
+    outputs = {
+        'probs': layers.Identity(name='probs')(dense(out)),
+        'h_next': layers.Identity(name='h_next')(h_next),
+        'c_next': layers.Identity(name='c_next')(c_next),
+    }
+    return keras.Model({SEQUENCE_INPUT: frames, 'h': h, 'c': c}, outputs, name='malpi_carried')
+
+
 def compile_for_training(model: keras.Model, learning_rate: float = 3e-4) -> keras.Model:
     """A minimal compile (Adam, per-step sparse cross-entropy) for tests and quick runs."""
     model.compile(

@@ -5,7 +5,15 @@ of the on-disk cache, so a recording larger than RAM trains); each batch is gath
 episodes and normalized with ``image.normalize`` — the very function the robot runs on every
 frame (DESIGN §1: no second implementation of preprocessing, no train/serve skew).
 
-A batch is ``(x, y, sample_weight)``:
+Two kinds of stream, one per ``DatasetConfig.state``:
+
+``carried`` (``ChunkSource``): a batch is ``((x, reset), y, sample_weight)`` with x
+(B, T, h, w, c): batch ``b`` row ``i`` continues where batch ``b - 1`` row ``i`` stopped
+(``dataset.chunk_plan``), and ``reset`` (B,) float32 is 1 where the state must start from zero;
+the trainer carries the LSTM state between batches. Batches stay in order (no shuffling of
+batches; the plan is drawn anew every epoch).
+
+``zero`` (``WindowSource``): a batch is ``(x, y, sample_weight)``:
     x (B, W, h, w, c) float32, y (B, W) int32 action labels,
     sample_weight (B, W) float32: 0 on the first ``burn_in`` steps of every window (the state is
     warming up there and is not judged, DESIGN §4), the label's class weight elsewhere.
@@ -19,12 +27,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from malpi_ros.config import PreprocessConfig
-from malpi_ros.dataset import Episode
+from malpi_ros.dataset import (
+    PLAN_EPISODE,
+    PLAN_LENGTH,
+    PLAN_SINCE_RESET,
+    PLAN_START,
+    Episode,
+    chunk_plan,
+)
 from malpi_ros.errors import DatasetError
 from malpi_ros.image import normalize
 
@@ -155,4 +171,113 @@ def make_dataset(
         deterministic=True,
     )
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    return dataset.prefetch(2)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkSource:
+    """Episodes as ``lanes`` state lanes of consecutive chunks (``dataset.chunk_plan``)."""
+
+    episodes: Sequence[Episode]
+    chunk: int  # frames per batch step
+    lanes: int  # rows of every batch
+    burn_in: int  # steps after a zero state that carry no loss
+    preprocess: PreprocessConfig
+    weights: np.ndarray  # float32 (num_actions,): sample weight per label
+    split: bool = True  # cut episodes into pieces for busy lanes; False: whole (validation)
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.lanes < 1 or self.burn_in < 0:
+            raise DatasetError(
+                f'chunk and lanes must be >= 1 and burn_in >= 0, got {self.chunk}, '
+                f'{self.lanes}, {self.burn_in}'
+            )
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        p = self.preprocess
+        return (p.height, p.width, p.channels)
+
+    def plan(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The fixed plan (``rng`` None), or a random one of the same number of batches."""
+        lengths = [len(e) for e in self.episodes]
+        fixed = chunk_plan(lengths, self.chunk, self.lanes)
+        return (
+            fixed if rng is None else chunk_plan(lengths, self.chunk, self.lanes, rng, len(fixed))
+        )
+
+    @property
+    def batches(self) -> int:
+        return len(self.plan())
+
+    def __len__(self) -> int:
+        """Chunks of one pass without shuffling (padding not counted)."""
+        return int(np.count_nonzero(self.plan()[..., PLAN_LENGTH]))
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x float32, reset float32, y int32, sample_weight float32) of one plan batch
+        ``rows`` (lanes, 4); padding frames are zero with weight 0."""
+        frames = np.zeros((self.lanes, self.chunk, *self.frame_shape), np.uint8)
+        y = np.zeros((self.lanes, self.chunk), np.int32)
+        weight = np.zeros((self.lanes, self.chunk), np.float32)
+        steps = np.arange(self.chunk)
+        for lane, row in enumerate(rows):
+            n = int(row[PLAN_LENGTH])
+            if n == 0:
+                continue
+            episode = self.episodes[int(row[PLAN_EPISODE])]
+            start = int(row[PLAN_START])
+            frames[lane, :n] = episode.frames[start : start + n]
+            y[lane, :n] = episode.labels[start : start + n]
+            scored = (row[PLAN_SINCE_RESET] + steps[:n]) >= self.burn_in
+            weight[lane, :n] = np.where(scored, self.weights[y[lane, :n]], 0.0)
+        reset = (rows[:, PLAN_SINCE_RESET] == 0).astype(np.float32)
+        return normalize(frames, self.preprocess), reset, y, weight
+
+    def loss_labels(self) -> np.ndarray:
+        """Every label that carries loss (steps of the burn-in after a zero state left out)."""
+        plan = self.plan()
+        out = []
+        for rows in plan:
+            for row in rows:
+                n, start = int(row[PLAN_LENGTH]), int(row[PLAN_START])
+                skip = max(0, self.burn_in - int(row[PLAN_SINCE_RESET]))
+                if n > skip:
+                    labels = self.episodes[int(row[PLAN_EPISODE])].labels
+                    out.append(labels[start + skip : start + n])
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def make_chunk_dataset(
+    source: ChunkSource, *, shuffle: bool, seed: int = 0, parallel: int | None = None
+) -> tf.data.Dataset:
+    """A re-iterable ``tf.data.Dataset`` of ``((x, reset), y, sample_weight)`` batches, in
+    plan order (the state flows from one batch to the next). With ``shuffle`` every pass
+    (epoch) draws a new plan from one generator seeded with ``seed``."""
+    if not source.episodes:
+        raise DatasetError('no episodes to make chunks of')
+    rng = np.random.default_rng(seed)
+
+    def rows() -> Any:
+        yield from source.plan(rng if shuffle else None)
+
+    def load_tf(plan_rows: tf.Tensor) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.Tensor, tf.Tensor]:
+        x, reset, y, w = tf.numpy_function(
+            source.batch, [plan_rows], (tf.float32, tf.float32, tf.int32, tf.float32)
+        )
+        x.set_shape((source.lanes, source.chunk, *source.frame_shape))
+        reset.set_shape((source.lanes,))
+        y.set_shape((source.lanes, source.chunk))
+        w.set_shape((source.lanes, source.chunk))
+        return (x, reset), y, w
+
+    plans = tf.data.Dataset.from_generator(
+        rows, output_signature=tf.TensorSpec((source.lanes, 4), tf.int64)
+    )
+    dataset = plans.map(
+        load_tf,
+        num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
+        deterministic=True,  # the state flows from each batch to the next: order matters
+    )
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(source.batches))
     return dataset.prefetch(2)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,13 @@ from malpi_ros.dataset import (
 from malpi_ros.errors import ConfigError, DatasetError
 from malpi_ros.metrics import classification_metrics
 from malpi_ros.model import build_sequence_model
-from malpi_ros.pipeline import WindowSource, class_weights, make_dataset
+from malpi_ros.pipeline import (
+    ChunkSource,
+    WindowSource,
+    class_weights,
+    make_chunk_dataset,
+    make_dataset,
+)
 
 # Adam's gradient-norm clip (the memory recipe): part of the recipe, not a setting.
 CLIPNORM = 1.0
@@ -55,12 +61,12 @@ SUMMARY_FILE = 'summary.txt'
 
 @dataclass(frozen=True)
 class Prepared:
-    """The recordings cut for training: split, windows and class weights."""
+    """The recordings cut for training: split, batch sources and class weights."""
 
     recordings: Recordings
     split: Split
-    train: WindowSource
-    val: WindowSource | None  # None: no validation (val_fraction 0, or no window fits)
+    train: WindowSource | ChunkSource
+    val: WindowSource | ChunkSource | None  # None: no validation (val_fraction 0, or too short)
     weights: np.ndarray
     notes: tuple[str, ...] = ()
 
@@ -77,46 +83,65 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def _usable(episodes: Sequence[Episode], cfg: DatasetConfig) -> list[Episode]:
+    """Episodes with at least one window (``zero``) or one scored step (``carried``)."""
+    least = cfg.window if cfg.state == 'zero' else cfg.burn_in + 1
+    return [e for e in episodes if len(e) >= least]
+
+
 def prepare(
     recordings: Recordings,
     policy: PolicyConfig,
     train_cfg: TrainConfig,
 ) -> Prepared:
-    """Split by episode, window both sides, and weight the classes of the training labels."""
+    """Split by episode, cut both sides into windows or chunk lanes (``DatasetConfig.state``),
+    and weight the classes of the training labels."""
     cfg = recordings.dataset
     split = split_by_episode(recordings.episodes, train_cfg.val_fraction, train_cfg.seed)
     notes = [split.note]
-    train_index = windows(split.train, cfg)
-    if len(train_index) == 0:
-        raise DatasetError(
-            f'no training window of {cfg.window} frames left after holding out validation '
-            f'episodes ({split.note}); record longer drives or lower --val-fraction'
-        )
     num_actions = len(policy.actions)
 
     def source(
-        episodes: Sequence[Episode], index: np.ndarray, weights: np.ndarray
-    ) -> WindowSource:
+        episodes: Sequence[Episode], weights: np.ndarray, pieces: bool = True
+    ) -> WindowSource | ChunkSource | None:
+        if cfg.state == 'carried':
+            usable = _usable(episodes, cfg)
+            if not usable:
+                return None
+            # Validation runs every episode whole from its start: the robot's way.
+            return ChunkSource(
+                usable,
+                cfg.seq_len,
+                train_cfg.batch_size,
+                cfg.burn_in,
+                recordings.preprocess,
+                weights,
+                pieces,
+            )
+        index = windows(episodes, cfg)
+        if len(index) == 0:
+            return None
         return WindowSource(
             episodes, index, cfg.window, cfg.burn_in, recordings.preprocess, weights
         )
 
+    unweighted = source(split.train, np.ones(num_actions, np.float32))
+    if unweighted is None:
+        raise DatasetError(
+            f'no training window of {cfg.window} frames left after holding out validation '
+            f'episodes ({split.note}); record longer drives or lower --val-fraction'
+        )
     weights = np.ones(num_actions, np.float32)
     if train_cfg.class_weighting:
         # From the labels that carry loss: what the optimizer actually sees.
-        loss_labels = source(split.train, train_index, weights).loss_labels()
-        weights = class_weights(loss_labels, num_actions, train_cfg.class_weight_cap)
-    train_source = source(split.train, train_index, weights)
-    val_source = None
-    if split.val:
-        val_index = windows(split.val, cfg)
-        if len(val_index):
-            val_source = source(split.val, val_index, weights)
-        else:
-            notes.append(
-                f'validation episodes are shorter than a window of {cfg.window} frames: '
-                'training without validation'
-            )
+        weights = class_weights(unweighted.loss_labels(), num_actions, train_cfg.class_weight_cap)
+    train_source = replace(unweighted, weights=weights)
+    val_source = source(split.val, weights, pieces=False) if split.val else None
+    if split.val and val_source is None:
+        notes.append(
+            f'validation episodes are shorter than a window of {cfg.window} frames: '
+            'training without validation'
+        )
     return Prepared(recordings, split, train_source, val_source, weights, tuple(notes))
 
 
@@ -238,15 +263,8 @@ def train(
     )
 
     keras.utils.set_random_seed(train_cfg.seed)
-    model = compile_model(build_sequence_model(policy.model), train_cfg.learning_rate)
-    train_ds = make_dataset(
-        prepared.train, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed
-    )
-    val_ds = (
-        make_dataset(prepared.val, train_cfg.batch_size, shuffle=False)
-        if prepared.val is not None
-        else None
-    )
+    model = build_sequence_model(policy.model)
+    fit_model, train_ds, val_ds = _fit_setup(model, prepared, policy, dataset, train_cfg)
     monitor = 'val_loss' if val_ds is not None else 'loss'
     best = BestWeights(monitor)
     with tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
@@ -263,7 +281,7 @@ def train(
             *callbacks,
         ]
         fit_started = time.perf_counter()
-        model.fit(
+        fit_model.fit(
             train_ds,
             validation_data=val_ds,
             epochs=train_cfg.epochs,
@@ -273,12 +291,9 @@ def train(
         )
         fit_seconds = time.perf_counter() - fit_started
         history = _read_history(history_path)
-        scored = prepared.val if prepared.val is not None else prepared.train
         scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
-        pred = predict_windows(model, scored, train_cfg.batch_size)
-        true = scored.labels(np.arange(len(scored)))
-        burn = dataset.burn_in
-        scores = classification_metrics(true[:, burn:].ravel(), pred[:, burn:].ravel(), names)
+        true, pred = _score(fit_model, prepared, policy, train_cfg.batch_size)
+        scores = classification_metrics(true, pred, names)
         matrix = scores.matrix
         epochs_run = len(history.get('loss', []))
         metrics = {
@@ -290,8 +305,10 @@ def train(
             'per_class': scores.to_dict()['per_class'],
             'confusion': matrix.tolist(),
             'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
+            'training_state': dataset.state,
             'train_windows': len(prepared.train),
             'val_windows': len(prepared.val) if prepared.val is not None else 0,
+            'val_episodes': len(prepared.val.episodes) if prepared.val is not None else 0,
         }
         for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
             if history.get(key) and best.best_epoch >= 0:
@@ -330,7 +347,8 @@ def train(
             model,
             policy,
             dt=float(recordings.dt),
-            seq_len=dataset.window,
+            # The longest stretch the gradient reached back over: a chunk, or a window.
+            seq_len=dataset.seq_len if dataset.state == 'carried' else dataset.window,
             sources=sources,
             metrics=json.loads(json.dumps(metrics)),
             extra=extra,
@@ -341,6 +359,54 @@ def train(
         )
     log(summary)
     return TrainResult(out, history, metrics, summary, matrix, time.perf_counter() - started)
+
+
+def _fit_setup(
+    model: keras.Model,
+    prepared: Prepared,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+) -> tuple[keras.Model, Any, Any]:
+    """(the model ``fit`` runs on, training batches, validation batches or None): the
+    sequence model itself on windows (``zero``), or a ``CarriedStateTrainer`` around it on
+    chunk lanes (``carried``); either way training updates ``model``'s weights."""
+    if dataset.state == 'carried':
+        from malpi_ros.carried_state import CarriedStateTrainer
+
+        fit_model: keras.Model = CarriedStateTrainer(policy.model, model, train_cfg.batch_size)
+        fit_model.compile(
+            optimizer=keras.optimizers.Adam(train_cfg.learning_rate, clipnorm=CLIPNORM)
+        )
+        make: Callable[..., Any] = make_chunk_dataset
+        args: dict[str, Any] = {}
+    else:
+        fit_model = compile_model(model, train_cfg.learning_rate)
+        make = make_dataset
+        args = {'batch_size': train_cfg.batch_size}
+    train_ds = make(prepared.train, shuffle=True, seed=train_cfg.seed, **args)
+    val_ds = make(prepared.val, shuffle=False, **args) if prepared.val is not None else None
+    return fit_model, train_ds, val_ds
+
+
+def _score(
+    fit_model: keras.Model, prepared: Prepared, policy: PolicyConfig, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, argmax actions) of the scored steps of the validation data (the training
+    data without validation): after the burn-in of each window (``zero``), or over whole
+    episodes with the state carried from their start, after the burn-in (``carried``)."""
+    scored = prepared.val if prepared.val is not None else prepared.train
+    burn = scored.burn_in
+    if isinstance(scored, ChunkSource):
+        from malpi_ros.carried_state import predict_episodes
+
+        units = policy.model.lstm_units
+        pred = predict_episodes(fit_model.net, scored.episodes, scored.preprocess, units)
+        true = [e.labels[burn:] for e in scored.episodes]
+        return np.concatenate(true), np.concatenate([p[burn:] for p in pred])
+    pred_windows = predict_windows(fit_model, scored, batch_size)
+    true_windows = scored.labels(np.arange(len(scored)))
+    return true_windows[:, burn:].ravel(), pred_windows[:, burn:].ravel()
 
 
 def _summary(
@@ -366,8 +432,14 @@ def _summary(
         *(f'  {note}' for note in prepared.notes),
         f'  training: {len(prepared.split.train)} episodes, {len(prepared.train)} windows; '
         f'validation: {len(prepared.split.val)} episodes, {metrics["val_windows"]} windows',
-        f'  window: {dataset.window} frames (burn-in {dataset.burn_in} without loss + '
-        f'{dataset.seq_len} scored), stride {dataset.stride}',
+        (
+            f'  state carried across chunks of {dataset.seq_len} frames (truncated BPTT, '
+            f'{train_cfg.batch_size} lanes); burn-in {dataset.burn_in} steps without loss after '
+            'each zero state'
+            if dataset.state == 'carried'
+            else f'  window: {dataset.window} frames from a zero state (burn-in '
+            f'{dataset.burn_in} without loss + {dataset.seq_len} scored), stride {dataset.stride}'
+        ),
         '',
         'class weights (training labels after burn-in'
         + (', capped)' if train_cfg.class_weighting else '; weighting off)')
@@ -394,7 +466,8 @@ def _summary(
         value = metrics.get(f'{key}_at_best')
         if value is not None:
             lines.append(f'  {key} at best epoch: {value:.4f}')
-    lines += ['', f'scored on {metrics["scored_on"]} windows (steps after burn-in):']
+    unit = 'episodes, state carried' if dataset.state == 'carried' else 'windows'
+    lines += ['', f'scored on {metrics["scored_on"]} {unit} (steps after burn-in):']
     acc = metrics['accuracy']
     lines.append(f'  accuracy: {acc:.4f}' if acc is not None else '  accuracy: n/a')
     for name, row in metrics['per_class'].items():

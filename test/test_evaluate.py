@@ -151,6 +151,19 @@ def test_cli_text_report_is_readable(data, capsys):
     assert 'parity with the sequence model: not checked' in text
     for name in ('stop', 'forward', 'left', 'right', 'backward'):
         assert name in text
+    assert 'accuracy by frames since the last reset (all frames):' in text
+    assert '1-20: ' in text and '201+: ' in text
+
+
+def test_cli_reports_memory_on_the_focus_actions_and_refuses_unknown_ones(data, capsys):
+    assert main(['evaluate', str(data['bundle']), str(data['bag']), '--no-parity',
+                 '--focus', 'left', 'right']) == 0  # fmt: skip
+    assert (
+        'accuracy by frames since the last reset (left, right frames):' in capsys.readouterr().out
+    )
+    assert main(['evaluate', str(data['bundle']), str(data['bag']), '--no-parity',
+                 '--focus', 'sideways']) == 1  # fmt: skip
+    assert "focus actions ['sideways'] are not in the action table" in capsys.readouterr().err
 
 
 def test_bad_bags_are_clear_errors(data, capsys, tmp_path):
@@ -218,3 +231,39 @@ def test_litert_without_parity_never_imports_tensorflow(data):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '[]'
+
+
+def test_accuracy_by_frames_since_reset_buckets_each_frame_by_its_distance_from_the_reset():
+    from malpi_ros.evaluate import EpisodeResult, accuracy_since_reset
+
+    def episode(labels: list[int], actions: list[int]) -> EpisodeResult:
+        n = len(labels)
+        return EpisodeResult(
+            index=0,
+            bag='b',
+            bag_episode=0,
+            stamps=np.arange(n) * 0.1,
+            labels=np.asarray(labels),
+            actions=np.asarray(actions),
+            probabilities=np.zeros((n, 5), np.float32),
+            sequence_probabilities=None,
+            step_ms=np.zeros(n),
+        )
+
+    # 250 frames: right on frames 1-20, wrong on 21-50, right on 51-200 except the turns (label
+    # 2), wrong after 200. A second, short episode restarts the count at 1.
+    labels = [1] * 250
+    actions = [1] * 20 + [0] * 30 + [1] * 150 + [0] * 50
+    for i in (60, 70, 80):
+        labels[i] = 2
+    long, short = episode(labels, actions), episode([1, 1, 2], [1, 1, 2])
+    buckets = accuracy_since_reset([long, short], reset_every_frame=False)
+    assert [b.name for b in buckets] == ['1-20', '21-50', '51-200', '201+']
+    assert [b.frames for b in buckets] == [23, 30, 150, 50]
+    assert [b.accuracy for b in buckets] == [1.0, 0.0, 147 / 150, 0.0]
+    turns = accuracy_since_reset([long, short], reset_every_frame=False, focus=[2])
+    assert [(b.correct, b.frames) for b in turns] == [(1, 1), (0, 0), (0, 3), (0, 0)]
+    assert turns[1].accuracy is None
+    # Reset every frame: every frame is one step after a reset.
+    ablation = accuracy_since_reset([long, short], reset_every_frame=True)
+    assert [b.frames for b in ablation] == [253, 0, 0, 0]

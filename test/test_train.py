@@ -153,14 +153,16 @@ def test_train_writes_a_loadable_bundle_with_its_reports(
     bundle = load_bundle(out)
     assert bundle.config.model.input_shape == (height, width, 3)
     assert bundle.dt == pytest.approx(0.1)
-    assert bundle.seq_len == 8  # burn-in 2 + 6
+    assert bundle.seq_len == 6  # the chunk the state was carried across
     sources = bundle.metadata['sources']
     assert [s['path'] for s in sources] == [str(b) for b in bags]
     assert all(len(s['sha256']) == 64 for s in sources)
     metrics = bundle.metadata['metrics']
     assert metrics['epochs_run'] == 2 and 0.0 <= metrics['accuracy'] <= 1.0
     assert set(metrics['per_class']) == set(ActionTable().names)
-    assert sum(map(sum, metrics['confusion'])) == metrics['val_windows'] * 6
+    assert metrics['training_state'] == 'carried'
+    # Scored on whole held-out 40-frame episodes, the state carried, after the burn-in of 2.
+    assert sum(map(sum, metrics['confusion'])) == metrics['val_episodes'] * (40 - 2) > 0
     assert bundle.metadata['extra']['dataset']['burn_in'] == 2
     for name in ARTIFACTS:
         assert name in bundle.metadata['extra_files'], name
@@ -186,7 +188,8 @@ def test_command_line_flags_override_the_config_file(tmp_path):
     out = tmp_path / 'b'
     code = run_train(
         *bags, '--out', out, '--config', tiny_config(tmp_path), '--no-cache',
-        '--seq-len', '4', '--burn-in', '1', '--stride', '5', '--lr', '0.002', '--seed', '3',
+        '--state', 'zero', '--seq-len', '4', '--burn-in', '1', '--stride', '5', '--lr', '0.002',
+        '--seed', '3',
         '--val-fraction', '0.4', '--no-class-weights', '--batch-size', '4',
     )  # fmt: skip
     assert code == 0
@@ -194,6 +197,10 @@ def test_command_line_flags_override_the_config_file(tmp_path):
     assert meta['seq_len'] == 5
     dataset = meta['extra']['dataset']
     assert (dataset['seq_len'], dataset['burn_in'], dataset['stride']) == (4, 1, 5)
+    assert dataset['state'] == 'zero' and meta['metrics']['training_state'] == 'zero'
+    # Windows of burn-in 1 + 4 scored steps, from a zero state: 4 scored steps each.
+    confusion = meta['metrics']['confusion']
+    assert sum(map(sum, confusion)) == meta['metrics']['val_windows'] * 4 > 0
     train = meta['extra']['train']
     assert (train['learning_rate'], train['seed'], train['batch_size']) == (0.002, 3, 4)
     assert train['class_weighting'] is False
@@ -240,7 +247,9 @@ def test_the_example_config_file_is_valid_and_holds_the_recipe():
     pre = policy.preprocess
     assert policy.model.input_shape == (pre.height, pre.width, pre.channels) == (120, 120, 3)
     assert policy.preprocess.normalization == 'standardize'
-    assert (dataset.burn_in, dataset.seq_len, train.learning_rate) == (10, 10, 3e-4)
+    assert (dataset.state, dataset.burn_in, dataset.seq_len) == ('carried', 10, 32)
+    assert train.learning_rate == 3e-4
+    assert dataset == DatasetConfig()  # the example holds the defaults
     assert train.class_weighting and train.min_epochs == 10
 
 

@@ -11,9 +11,12 @@ model.keras, each episode as one sequence) on the same frames, and how often bot
 action. --no-parity skips that check (and TensorFlow with it).
 
 --reset-every-frame zeroes the state before every step: the policy without its memory, to
-compare against. --out DIR writes report.json (per-frame stamps, labels, actions and
-probabilities of every episode), report.txt and confusion.png. --json prints report.json's
-document instead of the text. Exits 1, naming the bag and topic, when a bag cannot be used.
+compare against. Accuracy is also reported by frames since the last reset (1-20, 21-50,
+51-200, 201+), on all frames or on the frames labelled with --focus actions: memory that drifts
+on long drives shows as a falling last bucket. --out DIR writes report.json (per-frame stamps,
+labels, actions and probabilities of every episode), report.txt and confusion.png. --json
+prints report.json's document instead of the text. Exits 1, naming the bag and topic, when a
+bag cannot be used.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--threads', type=int, default=2, help='LiteRT interpreter threads (default: 2)'
     )
+    parser.add_argument(
+        '--focus',
+        nargs='+',
+        default=(),
+        metavar='ACTION',
+        help='report accuracy by frames since the last reset on the frames labelled with these '
+        'actions (e.g. the turns that need memory; default: all frames)',
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         cmd_topic=args.cmd_topic,
         cache_dir=args.cache_dir,
         num_threads=args.threads,
+        focus=args.focus,
         log=log,
     )
     if args.out is not None:

@@ -15,8 +15,10 @@ override it. Sizes given in only one of model/preprocess apply to both.
 
 Defaults are those of malpi_ros.config. The memory recipe (DESIGN §4; the values of
 config/train_example.yaml, what the memory test trains with): per-frame standardized input;
-windows of burn-in 10 + seq-len 10 frames, stride 5 (loss only after the burn-in, so the LSTM
-is judged once its state is warm); Adam lr 3e-4 with clipnorm 1, batch 8; up to 30 epochs,
+the LSTM state carried across consecutive chunks of 32 frames of each episode (truncated
+BPTT: training reaches the states the robot reaches after minutes of driving), in 8 lanes (the
+batch), episodes cut into pieces that start from a zero state, no loss on the first 10 steps
+after a zero state; Adam lr 3e-4 with clipnorm 1; up to 30 epochs,
 early stopping on val_loss with patience 10 that cannot act before epoch 10 (--min-epochs:
 learning to remember starts with a plateau); 20% of the episodes held out for validation;
 class weights from the training labels, capped at 10x.
@@ -53,9 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='do not weight rare actions up',
     )
-    group.add_argument('--seq-len', type=int, help='scored steps per window')
-    group.add_argument('--burn-in', type=int, help='unscored warm-up steps per window')
-    group.add_argument('--stride', type=int, help='frames between window starts')
+    group.add_argument(
+        '--state',
+        choices=('carried', 'zero'),
+        help='carried: the LSTM state flows across chunks of an episode (default); zero: '
+        'windows each from a zero state',
+    )
+    group.add_argument('--seq-len', type=int, help='frames per chunk (scored steps per window)')
+    group.add_argument('--burn-in', type=int, help='unscored steps after a zero state')
+    group.add_argument('--stride', type=int, help='frames between window starts (state zero)')
     group.add_argument('--height', type=int, help='model input height')
     group.add_argument('--width', type=int, help='model input width')
     parser.add_argument(
