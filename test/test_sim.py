@@ -363,6 +363,40 @@ def test_cue_frames_differ_by_colour_and_fork_frames_do_not() -> None:
         assert np.array_equal(red, world.camera.render_clean(pose, 'blue'))
 
 
+def frames_from_cue_to_fork(world: SimWorld, laps: int) -> list[int]:
+    """Expert steps from the robot passing the cue carpet's end to reaching the fork, per lap
+    (the carpet leaves the camera's view before that: a lower bound on the memory needed)."""
+    track, counts, since, before = world.track, [], None, world.lap_s
+    while len(counts) < laps:
+        world.step(world.expert_action())
+        now = world.lap_s
+        if before < track.cue_end <= now:
+            since = 0
+        if since is not None:
+            since += 1
+            if before < track.fork_start <= now:
+                counts.append(since)
+                since = None
+        before = now
+    return counts
+
+
+def test_the_long_horizon_puts_the_cue_over_50_frames_before_an_identical_fork() -> None:
+    short = SimWorld(SimConfig(track=TrackConfig.for_horizon('short')), seed=3)
+    assert short.config.track == TrackConfig()  # the demo's track is the short horizon
+    assert max(frames_from_cue_to_fork(short, 3)) < 20
+    world = SimWorld(SimConfig(track=TrackConfig.for_horizon('long')), seed=3)
+    counts = frames_from_cue_to_fork(world, 4)
+    print(f'long horizon: {counts} frames from the cue to the fork')
+    assert min(counts) >= 50
+    assert world.off_track_events == 0
+    pose = world.track.pose_at(world.track.fork_start + 0.1)
+    assert np.array_equal(world.camera.render_clean(pose, 'red'),
+                          world.camera.render_clean(pose, 'blue'))  # fmt: skip
+    with pytest.raises(ConfigError, match="horizon must be one of short, long, got 'medium'"):
+        TrackConfig.for_horizon('medium')
+
+
 def test_plot_writes_a_png_of_the_run(tmp_path) -> None:
     import cv2
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -112,6 +112,13 @@ class TrackConfig:
         if self.spacing > 0.05:
             raise ConfigError(f'track spacing must be <= 0.05 m, got {self.spacing!r}')
 
+    @classmethod
+    def for_horizon(cls, horizon: str, **overrides: Any) -> TrackConfig:
+        """The track with the cue ``HORIZONS[horizon]`` metres before the fork."""
+        if horizon not in HORIZONS:
+            raise ConfigError(f'horizon must be one of {", ".join(HORIZONS)}, got {horizon!r}')
+        return cls(**{'cue_gap': HORIZONS[horizon], **overrides})
+
     @property
     def straight_length(self) -> float:
         """Length of the bottom (cue + fork) straight; the top straight is as long."""
@@ -123,6 +130,12 @@ class TrackConfig:
             + self.fork_flat
             + self.run_out
         )
+
+
+# Memory horizons (``TrackConfig.for_horizon``): metres of tape from the end of the cue carpet
+# to the fork. At the expert's ~0.33 m/s and 10 Hz, 'short' (the demo's) is 14-15 frames of
+# driving, 'long' 58-60 frames (about 6 s): longer than any window model's few frames.
+HORIZONS = {'short': 0.45, 'long': 2.0}
 
 
 class TrackPoint(NamedTuple):
