@@ -97,6 +97,7 @@ def save_bundle(
         'format_version': FORMAT_VERSION,
         'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
         'config': to_dict(config),
+        'kind': config.kind,  # 'lstm' (state carried) or 'window' (config.window frames)
         'dt': float(dt),
         'seq_len': seq_len,
         'action_table': [
@@ -313,6 +314,9 @@ def _check_metadata(meta_path: Path, metadata: Any) -> PolicyConfig:
     ]
     if metadata['action_table'] != table:
         raise bad('action_table', f'{metadata["action_table"]} differs from config.actions')
+    # Bundles written before window policies have no 'kind': theirs is the LSTM's.
+    if metadata.get('kind', 'lstm') != config.kind:
+        raise bad('kind', f'{metadata["kind"]!r} differs from config.window {config.window}')
     for name in MODEL_FILES:
         entry = metadata['files'].get(name)
         if not isinstance(entry, dict):

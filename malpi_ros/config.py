@@ -263,13 +263,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Everything that fixes how frames become actions: kept together in the bundle."""
+    """Everything that fixes how frames become actions: kept together in the bundle.
+
+    ``window``: 0 (the default) runs the LSTM one step per frame with its state carried; ``K``
+    >= 1 makes a window policy, the way DonkeyCar runs its recurrent models: every step re-runs
+    the model over the last ``K`` frames from a zero state (``K`` steps of compute per frame,
+    no memory beyond ``K`` frames). Kept as a kind of the same policy (one builder, one
+    runtime, one bundle format) so the two are compared on equal terms.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     actions: ActionTable = field(default_factory=ActionTable)
+    window: int = 0
+
+    @property
+    def kind(self) -> str:
+        """'lstm' (state carried) or 'window' (the last ``window`` frames re-run each step)."""
+        return 'window' if self.window else 'lstm'
 
     def __post_init__(self) -> None:
+        int_at_least('window', self.window, 0)
         m, p = self.model, self.preprocess
         if (p.height, p.width, p.channels) != (m.height, m.width, m.channels):
             raise ConfigError(

@@ -1,8 +1,9 @@
 """The YAML settings file shared by `malpi-ros train` and `malpi-ros inspect`.
 
 Sections ``model``, ``preprocess``, ``actions``, ``dataset`` and ``train`` hold the fields of
-the dataclasses in ``malpi_ros.config`` (see config/train_example.yaml); command-line flags
-override them. One reader, so a file that trains is a file that inspects the same way.
+the dataclasses in ``malpi_ros.config`` (see config/train_example.yaml), ``policy`` the rest of
+``PolicyConfig`` (``window``); command-line flags override them. One reader, so a file that
+trains is a file that inspects the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from malpi_ros.config import (
 )
 from malpi_ros.errors import ConfigError
 
-SECTIONS = ('model', 'preprocess', 'actions', 'dataset', 'train')
+SECTIONS = ('policy', 'model', 'preprocess', 'actions', 'dataset', 'train')
 SIZE_KEYS = ('height', 'width', 'channels')
 
 
@@ -83,10 +84,17 @@ def build_configs(
     try:
         actions = from_dict(ActionTable, sections['actions'])
         model.setdefault('num_actions', len(actions))
+        kind = dict(sections['policy'])
+        if overrides.get('window') is not None:
+            kind['window'] = overrides['window']
+        unknown = sorted(set(kind) - {'window'})
+        if unknown:
+            raise ConfigError(f"policy: unknown keys {unknown}; known: ['window']")
         policy = PolicyConfig(
             model=from_dict(ModelConfig, model),
             preprocess=from_dict(PreprocessConfig, preprocess),
             actions=actions,
+            **kind,
         )
         return policy, from_dict(DatasetConfig, dataset), from_dict(TrainConfig, train)
     except ConfigError as err:

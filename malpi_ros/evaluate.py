@@ -423,7 +423,10 @@ def _run_episode(
     sequence = None
     if reference is not None:
         sequence = reference.probabilities(
-            np.asarray(episode.frames), preprocess_cfg, reset_every_frame=reset_every_frame
+            np.asarray(episode.frames),
+            preprocess_cfg,
+            reset_every_frame=reset_every_frame,
+            window=policy.config.window,
         )
     return EpisodeResult(
         index=index,

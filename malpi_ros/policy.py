@@ -1,5 +1,8 @@
 """The policy as the robot runs it: one frame in, one action out, the LSTM state kept between.
 
+(A bundle of the window kind, ``PolicyConfig.window`` K > 0, instead re-runs its last K frames
+from a zero state every step: the peers' way, kept for comparison.)
+
 ``Policy.step(rgb)`` applies the bundle's own preprocessing (so no caller can feed the model
 differently from training), runs the step model on the frame and the held state ``(h, c)``,
 keeps the new state and picks an action. ``reset()`` zeroes the state (a new drive).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +92,9 @@ class Policy:
         self._generation = 0
         self._steps = 0
         self._h, self._c = self._zero_state()
+        # A window policy (config.window K > 0) keeps its last K model inputs instead of a
+        # state, and re-runs them from a zero state every step.
+        self._recent: deque[np.ndarray] = deque(maxlen=max(config.window, 1))
 
     @classmethod
     def from_bundle(
@@ -147,6 +154,7 @@ class Policy:
             self._h, self._c = h, c
             self._steps = 0
             self._generation += 1
+            self._recent.clear()
 
     def step(self, rgb: np.ndarray) -> StepResult:
         """Preprocess an RGB uint8 frame (any size), run one step, keep the state, pick."""
@@ -163,9 +171,19 @@ class Policy:
         with self._step_lock:
             with self._state_lock:
                 h, c, generation, steps = self._h, self._c, self._generation, self._steps
+                if self._config.window:
+                    self._recent.append(frame.copy())  # the caller may reuse its buffer
+                    recent = list(self._recent)
             # Outside the state lock: a reset never waits for the model. Arrays are never
             # written in place (run() returns new ones), so h and c stay as read.
-            probs, h_next, c_next = self._runtime.run(frame[np.newaxis], h, c)
+            if self._config.window:
+                # DonkeyCar's way: the last K frames again, from a zero state, every step.
+                h_run, c_run = self._zero_state()
+                for past in recent:
+                    probs, h_run, c_run = self._runtime.run(past[np.newaxis], h_run, c_run)
+                h_next, c_next = self._zero_state()  # nothing is carried to the next step
+            else:
+                probs, h_next, c_next = self._runtime.run(frame[np.newaxis], h, c)
             with self._state_lock:
                 if self._generation == generation:
                     self._h, self._c = h_next, c_next

@@ -40,13 +40,16 @@ class SequenceModel:
         preprocess_cfg: PreprocessConfig,
         *,
         reset_every_frame: bool = False,
+        window: int = 0,
     ) -> np.ndarray:
         """float32 (N, actions) for N fitted uint8 frames (N, h, w, c) of one episode.
 
         Normalized with ``image.normalize``, the function the robot applies. By default the
         episode is ONE sequence from a zero state (the memory: ~N x H x W x C float32 at once);
-        ``reset_every_frame`` makes every frame a sequence of its own (the no-memory ablation).
-        The model is called directly, not through ``predict()`` (DESIGN §2).
+        ``window`` K makes each frame's output that of the sequence of its last K frames from a
+        zero state (a window policy); ``reset_every_frame`` is ``window`` 1, every frame a
+        sequence of its own (the no-memory ablation). The model is called directly, not through
+        ``predict()`` (DESIGN §2).
         """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[1:] != self.cfg.input_shape:
@@ -56,11 +59,17 @@ class SequenceModel:
             )
         if len(frames) == 0:
             return np.zeros((0, self.cfg.num_actions), np.float32)
-        if not reset_every_frame:
-            x = normalize(frames, preprocess_cfg)[np.newaxis]
-            return np.asarray(self.model(tf.constant(x), training=False)[0], np.float32)
-        out = []
-        for start in range(0, len(frames), RESET_BATCH):
-            x = normalize(frames[start : start + RESET_BATCH], preprocess_cfg)[:, np.newaxis]
-            out.append(np.asarray(self.model(tf.constant(x), training=False)[:, 0], np.float32))
+        window = 1 if reset_every_frame else window
+        x = normalize(frames, preprocess_cfg)
+        # The first K-1 frames have no full window: theirs starts at the episode's start.
+        head = len(frames) if window == 0 else min(window - 1, len(frames))
+        out = [self._run(x[np.newaxis, :head])[0]] if head else []
+        batch = max(1, RESET_BATCH // max(window, 1))
+        for start in range(head, len(frames), batch):
+            ends = np.arange(start, min(start + batch, len(frames)))
+            windows = np.stack([x[end - window + 1 : end + 1] for end in ends])
+            out.append(self._run(windows)[:, -1])
         return np.concatenate(out)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(tf.constant(x), training=False), np.float32)

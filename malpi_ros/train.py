@@ -231,7 +231,7 @@ def train(
     before anything is written.
     """
     policy = policy or PolicyConfig()
-    dataset = dataset or DatasetConfig()
+    dataset = window_dataset(policy, dataset or DatasetConfig(), log)
     train_cfg = train_cfg or TrainConfig()
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
@@ -359,6 +359,22 @@ def train(
         )
     log(summary)
     return TrainResult(out, history, metrics, summary, matrix, time.perf_counter() - started)
+
+
+def window_dataset(
+    policy: PolicyConfig, dataset: DatasetConfig, log: Callable[[str], None]
+) -> DatasetConfig:
+    """The training windows a policy of the window kind runs on: K frames from a zero state,
+    the last one scored, one starting at every frame. Other policies: ``dataset`` as given."""
+    if not policy.window:
+        return dataset
+    windows = replace(dataset, state='zero', burn_in=policy.window - 1, seq_len=1, stride=1)
+    if windows != dataset:
+        log(
+            f'window policy of {policy.window} frames: training on windows of '
+            f'{policy.window} frames from a zero state, the last scored, one per frame'
+        )
+    return windows
 
 
 def _fit_setup(

@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--seq-len', type=int, help='frames per chunk (scored steps per window)')
     group.add_argument('--burn-in', type=int, help='unscored steps after a zero state')
     group.add_argument('--stride', type=int, help='frames between window starts (state zero)')
+    group.add_argument(
+        '--window',
+        type=int,
+        metavar='K',
+        help="train a window policy instead (the peers' way): every step re-runs the last K "
+        'frames from a zero state; trained on windows of K frames scored on the last',
+    )
     group.add_argument('--height', type=int, help='model input height')
     group.add_argument('--width', type=int, help='model input width')
     parser.add_argument(
