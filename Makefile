@@ -12,7 +12,7 @@ export ROS_DOMAIN_ID ?= 42
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test demo install build lint format bench constraints clean
+.PHONY: test demo compare install build lint format bench constraints clean
 
 # The venv, with every version pinned by constraints.txt (ros-* wheels included).
 $(VENV)/.installed: requirements.txt requirements-build.txt requirements-dev.txt constraints.txt
@@ -49,6 +49,12 @@ bench: build
 # DEMO_ARGS: e.g. DEMO_ARGS='--laps 5' or DEMO_ARGS='--bundle demo_runs/<run>/bundle'.
 demo: build
 	$(PY) -P -m malpi_ros.demo --out demo_runs $(DEMO_ARGS)
+
+# The LSTM with its state carried against window policies (the peers' way: the last K frames
+# re-run every step) at the short and the long memory horizon, in-process (no ROS).
+# COMPARE_ARGS: e.g. COMPARE_ARGS='--horizons long --windows 3 --laps 10'.
+compare: build
+	$(PY) -P -m malpi_ros.sim.compare --out compare_runs $(COMPARE_ARGS)
 
 constraints: install
 	{ echo "# Every version make test installs, the ros-* wheels included. Regenerate with"; \

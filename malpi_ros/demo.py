@@ -448,7 +448,8 @@ def drive_offline(
 
     Frame, step, act - the order of the closed loop through the graph, as fast as the CPU goes
     (~0.5 s a lap): enough forks for a rate, where the real-time drives see one fork a lap.
-    Returns ``SimWorld.summary()``. The policy's actions map onto the sim's by name.
+    Returns ``SimWorld.summary()`` and the median ``Policy.step`` time (preprocessing and
+    model, ms). The policy's actions map onto the sim's by name.
     """
     from malpi_ros.policy import Policy  # LiteRT only: no TensorFlow in this process
 
@@ -459,14 +460,16 @@ def drive_offline(
     if missing:
         raise ConfigError(f'bundle {bundle} has actions {missing} the simulator does not know')
     to_sim = [names.index(n) for n in policy.config.actions.names]
+    step_ms = []
     for _ in range(math.ceil(laps * 120.0 / world.config.dt)):  # 120 s a lap at the most
         if world.laps >= laps:
             break
         if reset_every_frame:
             policy.reset()
         result = policy.step(world.render())
+        step_ms.append(result.inference_ms)
         world.step(to_sim[result.action])
-    return world.summary()
+    return {**world.summary(), 'step_ms_median': float(np.median(step_ms)) if step_ms else 0.0}
 
 
 # --- the steps ----------------------------------------------------------------------------------

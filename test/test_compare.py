@@ -1,0 +1,47 @@
+"""make compare's pipeline on a tiny scale: record at the long horizon, train the LSTM and a
+window policy on the same bag, drive each in-process, and the table's columns."""
+
+from __future__ import annotations
+
+import pytest
+from support import REPO
+
+from malpi_ros.sim.compare import format_table, held_bytes, run_compare
+from malpi_ros.sim_record import RecordConfig
+
+
+@pytest.mark.slow
+def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
+    lines = []
+    entries = run_compare(
+        tmp_path,
+        horizons=['long'],
+        windows=[2],
+        record=RecordConfig(episodes=1, laps=1, segments=3, segment_frames=40),
+        train_config=REPO / 'config' / 'sim_train.yaml',
+        epochs=1,
+        laps=1,
+        seed=3,
+        log=lines.append,
+    )
+    assert [(e.name, e.window, e.reset_every_frame) for e in entries] == [
+        ('LSTM, state carried', 0, False),
+        ('LSTM, state reset every frame', 0, True),
+        ('window 2', 2, False),
+    ]
+    for e in entries:  # one epoch drives badly: the figures are checked, not the driving
+        assert e.horizon == 'long' and e.laps <= 1 and 0 <= e.forks_correct <= e.forks
+        assert e.step_ms_median > 0 and 20 < e.peak_rss_mb < 1000
+    lstm, _, window = entries
+    assert lstm.held_bytes == held_bytes(0, 64, (30, 40, 3)) == 2 * 64 * 4
+    assert window.held_bytes == 2 * 30 * 40 * 3 * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'long.cache',
+        'long_bag',
+        'long_lstm',
+        'long_window2',
+    ]
+    table = format_table(entries)
+    assert table.count('\n| long |') == 3
+    assert 'long: window 2 computes' in table
+    assert any('recorded' in line for line in lines)
