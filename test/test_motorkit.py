@@ -116,6 +116,18 @@ def drive(g, hat: FakeHat, want: tuple[float, float], log: Path) -> None:
 WANT = mix(0.3, 0.0, MotorConfig())
 
 
+def motors_off(hat: FakeHat, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``malpi-ros motors-off``, with the stand-in library."""
+    return subprocess.run(
+        [CLI, 'motors-off', *args],
+        env=hat.env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_the_driver_zeroes_at_start_drives_and_zeroes_then_releases_on_sigterm(hat, tmp_path):
     env = hat.env()
     log = tmp_path / 'node.log'
@@ -154,14 +166,7 @@ def test_after_a_kill_the_next_driver_and_motors_off_zero_the_hat(hat, tmp_path)
             again.wait(10)
     assert (hat.state()[1], hat.state()[2]) == pytest.approx(WANT)
     # ...and motors-off (systemd ExecStopPost=) with the driver's own parameters file.
-    out = subprocess.run(
-        [CLI, 'motors-off', '--params-file', str(ROBOT_YAML)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = motors_off(hat, '--params-file', str(ROBOT_YAML))
     assert out.returncode == 0, out.stdout + out.stderr
     assert 'motors M1 and M2: throttle 0, released' in out.stdout
     writes = hat.writes()
@@ -173,27 +178,16 @@ def test_motors_off_follows_the_params_file_channels_and_says_what_failed(hat, t
     params['motor_driver_node']['ros__parameters'].update(left_channel=3, right_channel=4)
     custom = tmp_path / 'custom.yaml'
     custom.write_text(yaml.safe_dump(params))
-
-    def motors_off(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CLI, 'motors-off', *args],
-            env=hat.env(**extra),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    out = motors_off('--params-file', str(custom))
+    out = motors_off(hat, '--params-file', str(custom))
     assert out.returncode == 0, out.stderr
     assert hat.writes() == [(3, 0.0), (4, 0.0), (3, None), (4, None)]
-    out = motors_off('--params-file', str(custom), '--left-channel', '1')
+    out = motors_off(hat, '--params-file', str(custom), '--left-channel', '1')
     assert out.returncode == 0 and hat.writes()[-4:] == [(1, 0.0), (4, 0.0), (1, None), (4, None)]
-    out = motors_off(FAKE_MOTORKIT_ABSENT='1')
+    out = motors_off(hat, FAKE_MOTORKIT_ABSENT='1')
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith('malpi-ros motors-off: error: ')
     assert 'cannot open the Motor HAT: ValueError: No I2C device at address: 0x60' in out.stderr
     assert 'Traceback' not in out.stderr
-    out = motors_off('--left-channel', '2')
+    out = motors_off(hat, '--left-channel', '2')
     assert out.returncode == 1
     assert 'left_channel and right_channel must differ, both are 2' in out.stderr
