@@ -142,6 +142,8 @@ def test_a_killed_process_under_sim_time_still_stops_the_wheels(
                 lambda got: bool(got) and tuple(got[-1].msg.data) == pytest.approx(want), 60.0
             )
             assert driving, f'{wheels.messages()[-3:]}\n{logs["policy"].read_text()}'
+            # and the test hears the policy's commands too (its reader may match later)
+            assert cmd.wait_for(lambda got: any(twist_of(r.msg) != (0.0, 0.0) for r in got), 30)
             victim = camera if killed == 'camera' else policy
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
