@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 from geometry_msgs.msg import Twist
-from rcl_interfaces.msg import SetParametersResult
-from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from rosgraph import Graph, Inbox, Received, graph
 from std_msgs.msg import Float32MultiArray
@@ -228,20 +226,6 @@ SCHEDULING_SLACK = 0.2
 STOP_LOG = re.compile(r'motors stopped \((\d+\.\d+) s after the last cmd_vel\)')
 
 
-def set_parameter(g: Graph, node: str, name: str, value: bool) -> SetParametersResult:
-    """Set a parameter through the node's own service, as `ros2 param set` does."""
-    client = g.node.create_client(SetParameters, f'{node}/set_parameters')
-    assert client.wait_for_service(timeout_sec=15), f'no {node}/set_parameters service'
-    request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
-    future = client.call_async(request)
-    deadline = time.monotonic() + 10
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert future.done(), f'{node}/set_parameters did not answer'
-    [result] = future.result().results
-    return result
-
-
 def assert_stops_in_time(
     wheels: Inbox[Float32MultiArray], last_sent: float, timeout: float, log: Path
 ) -> None:
@@ -267,7 +251,7 @@ def test_use_sim_time_without_clock_does_not_switch_the_watchdog_off(tmp_path, w
     with graph(int(env['ROS_DOMAIN_ID'])) as g, running(cmd, env, log) as proc:
         pub, wheels = connect(g, log)
         if when == 'at-run-time':
-            result = set_parameter(g, '/motor_driver_node', 'use_sim_time', True)
+            result = g.set_parameter('/motor_driver_node', 'use_sim_time', True)
             assert not result.successful and 'read-only' in result.reason
         want = mix(0.3, 0.0, MotorConfig(cmd_timeout=0.3))
         assert drive_until(pub, wheels, twist(0.3, 0.0), want)

@@ -31,8 +31,6 @@ from bagfactory import zero_png
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist
 from modelfactory import make_tiny_bundle
-from rcl_interfaces.srv import SetParameters
-from rclpy.parameter import Parameter
 from rosgraph import Graph, graph
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
@@ -677,11 +675,7 @@ def test_use_sim_time_ages_frames_on_clock_and_without_clock_steps_nothing(
         assert 'no /clock received yet' in r.text()
         assert r.out.snapshot() == [] and r.cmd.snapshot() == []
         # use_sim_time is chosen at start: refused at run time like every other parameter.
-        client = g.node.create_client(SetParameters, '/policy_node/set_parameters')
-        request = SetParameters.Request(
-            parameters=[Parameter('use_sim_time', value=False).to_parameter_msg()]
-        )
-        [result] = r.call(client, request)[0].results
+        result = g.set_parameter('/policy_node', 'use_sim_time', False)
         assert not result.successful and 'read-only' in result.reason
         with SimClock(g):  # a simulator's clock: frames are aged on it
             late = r.count('late')

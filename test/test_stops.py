@@ -22,11 +22,9 @@ from pathlib import Path
 import pytest
 from geometry_msgs.msg import Twist
 from modelfactory import make_tiny_bundle
-from rcl_interfaces.srv import SetParameters
-from rclpy.parameter import Parameter
 from rosgraph import graph
 from std_msgs.msg import Float32MultiArray
-from support import NODE_DIR, ros_env, running, stop, wait_for
+from support import NODE_DIR, ros_env, running, stop
 
 from malpi_ros.motor import MotorConfig, mix
 
@@ -125,15 +123,7 @@ def test_a_killed_process_under_sim_time_still_stops_the_wheels(
         cmd = g.collect(Twist, 'cmd_vel')
         if setup == 'run-time':  # a `ros2 param set` on both nodes, before anything moves
             for node in ('/policy_node', '/motor_driver_node'):
-                client = g.node.create_client(SetParameters, f'{node}/set_parameters')
-                assert client.wait_for_service(timeout_sec=60), logs['policy'].read_text()
-                future = client.call_async(
-                    SetParameters.Request(
-                        parameters=[Parameter('use_sim_time', value=True).to_parameter_msg()]
-                    )
-                )
-                assert wait_for(future.done, 10.0)
-                [result] = future.result().results
+                result = g.set_parameter(node, 'use_sim_time', True, timeout=60)
                 assert not result.successful and 'read-only' in result.reason
         camera = subprocess.Popen(camera_cmd, env=env)
         try:
