@@ -9,9 +9,12 @@ command line, as the tests run it:
 -r image:=/camera/image_raw`` and ``motor_driver_node --ros-args --params-file robot.yaml``.
 test/test_launch.py checks every name here against the nodes' declared parameters and topics.
 The camera driver is not started here: run the one of your camera and point camera_topic at it.
+The motor driver is respawned when it dies; see the README's "Reliability" for what remains.
 """
 
 from __future__ import annotations
+
+RESPAWN_DELAY = 0.5  # s before a dead motor driver is started again (it zeroes the motors)
 
 
 def generate_launch_description():
@@ -62,6 +65,10 @@ def generate_launch_description():
                 name='motor_driver_node',
                 output='screen',
                 parameters=[params_file],
+                # A driver that died (kill -9, OOM, segfault) left the HAT on its last throttle;
+                # the new one zeroes the motors before it subscribes cmd_vel.
+                respawn=True,
+                respawn_delay=RESPAWN_DELAY,
             ),
         ]
     )

@@ -1,4 +1,5 @@
-"""The `malpi-ros` command: inspect, train, evaluate, record, play and replay-eval recordings.
+"""The `malpi-ros` command: inspect, train, evaluate, record, play and replay-eval recordings;
+motors-off for the robot's service.
 
 Example:
     malpi-ros inspect my_drive_bag/
@@ -26,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'record': ('record', 'record topics into a rosbag2 (mcap) bag, for machines without ros2'),
     'play': ('play', 'publish a rosbag2 recording with its original timing'),
     'replay-eval': ('replay_eval', 'play a recording through policy_node and score what it did'),
+    'motors-off': ('motors_off', 'zero and release the Motor HAT (after the driver died)'),
 }
 
 

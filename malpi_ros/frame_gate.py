@@ -99,6 +99,44 @@ class FrameGate:
         """Record that the policy stepped on the frame of time ``t``."""
         self.last = t
 
+    def too_old(self, t: float, now: float) -> bool:
+        """True when the frame of time ``t`` is older than ``max_frame_age`` at ``now``.
+
+        For the check after decoding: a frame fresh on arrival may be stale once decoded, and
+        its command would then answer a scene that is gone.
+        """
+        return self.max_frame_age > 0 and now - t > self.max_frame_age
+
+
+class SimClockWatch:
+    """Says why a node on simulation time cannot date frames: no ``/clock`` yet, or a stalled one.
+
+    Under ``use_sim_time`` the node's clock is the last ``/clock`` message: 0 before the first,
+    frozen when the simulator stops publishing. Ages measured on it mean nothing (seen: with no
+    ``/clock``, ``0 - stamp`` clamped to age 0 and an hour-old frame was stepped), so such frames
+    are dropped as late until the clock runs. ``stall_after``: steady seconds without a new
+    clock value that count as stalled (0: only the never-started clock is caught). Observed at
+    frame arrival only, so a ``/clock`` slower than ``1 / stall_after`` Hz looks stalled.
+    """
+
+    def __init__(self, stall_after: float) -> None:
+        _seconds('stall_after', stall_after, allow_zero=True)
+        self.stall_after = float(stall_after)
+        self._value: float | None = None
+        self._changed_at = 0.0
+
+    def problem(self, sim_now: float, steady_now: float) -> str | None:
+        """Why the clock reading ``sim_now`` (s) cannot date a frame, or None when it can."""
+        if sim_now <= 0:
+            return 'simulation time is 0 (use_sim_time, no /clock received yet)'
+        if sim_now != self._value:
+            self._value, self._changed_at = sim_now, steady_now
+            return None
+        still = steady_now - self._changed_at
+        if self.stall_after > 0 and still > self.stall_after:
+            return f'simulation time has not moved for {still:.2f} s (/clock stalled)'
+        return None
+
 
 class SilenceWatch:
     """Says once, when no command was computed for ``limit`` seconds, that it is time to stop.

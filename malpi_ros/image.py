@@ -3,7 +3,13 @@
 ``decode`` reads only the fields every ``sensor_msgs/Image`` has (``height, width, encoding,
 step, is_bigendian, data``), so rclpy messages (``data`` is ``array('B')``), ``rosbags`` messages
 (``data`` is a numpy array) and plain test objects all work; a ``sensor_msgs/CompressedImage``
-(``format`` and ``data``, no ``encoding``) is decoded by its content.
+(``format`` and ``data``, no ``encoding``) is decoded by its content (PNG or JPEG).
+
+Decoding is bounded: a frame whose declared size is over ``max_pixels`` (a raw frame's
+height x width, a compressed frame's header; ``malpi_ros.frame_size``) is refused before any
+pixel is decoded, in the node, in ``inspect`` and in training alike. OpenCV's own log lines are
+switched off at import: every refusal is a ``DecodeError`` with the reason, which the callers
+count and log (throttled) themselves.
 
 Conversions match what ``cv_bridge`` gives for ``imgmsg_to_cv2(msg, 'rgb8')`` on a robot, so a
 policy trained here sees the same pixels as one fed by cv_bridge there:
@@ -30,6 +36,18 @@ import numpy as np
 
 from malpi_ros.config import PreprocessConfig
 from malpi_ros.errors import ConfigError, DecodeError
+from malpi_ros.frame_size import (
+    DEFAULT_MAX_FRAME_PIXELS,
+    check_data_size,
+    check_max_pixels,
+    check_size,
+    compressed_size,
+)
+
+# OpenCV prints a line per bad frame ("[ WARN:0@..] ... PNG input buffer is incomplete"), past
+# the nodes' throttled logs; our DecodeError says the same once. (libpng/libjpeg messages on
+# corrupt pixel data bypass this logger; frame_size refuses the common causes before them.)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 # encoding -> (channels, bytes per channel) of the raw layout.
 _LAYOUTS: dict[str, tuple[int, int]] = {
@@ -54,14 +72,16 @@ _YUV_CODES = {
 }
 
 
-def decode(msg: Any) -> np.ndarray:
+def decode(msg: Any, max_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> np.ndarray:
     """An RGB uint8 (H, W, 3) array from an Image or CompressedImage message.
 
     The result may be a read-only view of ``msg.data`` (rgb8 is not copied); copy it before
-    writing to it. Every malformed message raises ``DecodeError`` naming encoding and sizes.
+    writing to it. Every malformed message raises ``DecodeError`` naming encoding and sizes,
+    and so does a frame over ``max_pixels`` (checked before decoding, see ``frame_size``).
     """
+    check_max_pixels(max_pixels)
     if not hasattr(msg, 'encoding') and hasattr(msg, 'format'):
-        return _decode_compressed(msg)
+        return _decode_compressed(msg, max_pixels)
     try:
         encoding = msg.encoding
         height, width, step = msg.height, msg.width, msg.step
@@ -80,6 +100,7 @@ def decode(msg: Any) -> np.ndarray:
     height, width, step = int(height), int(width), int(step)
     if height == 0 or width == 0:
         raise DecodeError(f'cannot decode {what}: the image is empty')
+    check_size(what, width, height, _length(data), max_pixels)
     channels, depth = _LAYOUTS[encoding]
     row = width * channels * depth
     if step < row:
@@ -101,6 +122,13 @@ def decode(msg: Any) -> np.ndarray:
         return _to_rgb(rows, encoding, height, width, bool(is_bigendian))
     except (ValueError, TypeError, cv2.error) as err:  # the checks above should make it rare
         raise DecodeError(f'cannot decode {what}: {err}') from err
+
+
+def _length(data: Any) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return 0  # not a buffer: _byte_view says so
 
 
 def _describe(encoding: Any, height: Any, width: Any, step: Any, data: Any) -> str:
@@ -147,7 +175,7 @@ def _to_rgb(rows: np.ndarray, encoding: str, height: int, width: int, big: bool)
     return cv2.cvtColor(pairs, _YUV_CODES[encoding])
 
 
-def _decode_compressed(msg: Any) -> np.ndarray:
+def _decode_compressed(msg: Any, max_pixels: int) -> np.ndarray:
     fmt = getattr(msg, 'format', None)
     data = getattr(msg, 'data', None)
     try:
@@ -157,9 +185,16 @@ def _decode_compressed(msg: Any) -> np.ndarray:
     buf = _byte_view(data, what)
     if buf.size == 0:
         raise DecodeError(f'cannot decode {what}: no data')
+    check_data_size(what, buf.size, max_pixels)
     try:
         # By content, not by `format`: publishers write "jpeg", "png", "rgb8; jpeg compressed
-        # bgr8", ... and the bytes say what they are. IMREAD_COLOR gives 3-channel BGR always.
+        # bgr8", ... and the bytes say what they are.
+        kind, width, height = compressed_size(buf.data)
+    except DecodeError as err:
+        raise DecodeError(f'cannot decode {what}: {err}') from err
+    check_size(f'{what}, a {kind} of', width, height, buf.size, max_pixels)
+    try:
+        # IMREAD_COLOR gives 3-channel BGR always.
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as err:
         raise DecodeError(f'cannot decode {what}: {err}') from err

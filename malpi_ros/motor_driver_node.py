@@ -5,14 +5,20 @@ Example (no hardware): ``motor_driver_node --ros-args -p backend:=sim -p cmd_tim
 The ROS glue around ``malpi_ros.motor`` (mixing, watchdog and backends live there, tested
 without ROS). Safety behaviour (DESIGN §5):
 
+- at start, before ``cmd_vel`` is subscribed, the motors are set to zero: a driver that was
+  respawned after a crash takes over motors that may still hold the dead one's last throttle
+  (a PCA9685 keeps its PWM); if that stop fails the node exits (code 2) rather than drive;
 - each ``cmd_vel`` (geometry_msgs/Twist) is mixed and applied at once;
 - a timer at ``watchdog_rate`` stops the motors when no ``cmd_vel`` came for ``cmd_timeout``
-  seconds (logged once per expiry; the motors stay stopped until the next command);
+  seconds (logged once per expiry with the measured silence; the motors stay stopped until the
+  next command). The timer runs on the steady clock and the silence is measured with
+  ``time.monotonic()``: ``use_sim_time`` (read-only here, chosen at start) cannot stop it;
 - a failing backend is stopped and the error logged (throttled); the node keeps running and the
   next command tries again - a dead driver would look like a robot that ignores commands;
-- SIGINT and SIGTERM stop the motors before the process exits with code 0; rclpy's own signal
-  handlers are not installed because they shut the context down inside the handler, before a
-  final stop could be published.
+- SIGINT and SIGTERM stop the motors, flush that stop and release the backend before the
+  process exits with code 0 (a second signal during that is noted, not obeyed); rclpy's own
+  signal handlers are not installed because they shut the context down inside the handler,
+  before a final stop could be published.
 
 With ``backend:=sim`` every applied command, stops included, is published on ``~/wheels`` as
 ``std_msgs/Float32MultiArray`` with ``data=[left, right]`` (throttles in [-1, 1]). That type was
@@ -44,7 +50,7 @@ from malpi_ros.motor import (
     make_backend,
     mix,
 )
-from malpi_ros.spin_node import run_node
+from malpi_ros.spin_node import freeze_use_sim_time, run_node, steady_timer
 
 NODE_NAME = 'motor_driver_node'
 ERROR_LOG_PERIOD = 2.0  # s between repeated backend-error logs
@@ -106,7 +112,8 @@ PARAMETERS: dict[str, tuple[Any, str, dict[str, Any]]] = {
         'Motor HAT terminal of the right motor (M1..M4)',
         _ints(1, 4),
     ),
-    'watchdog_rate': (20.0, 'how often the cmd_vel timeout is checked (Hz)', _floats(1.0, 200.0)),
+    # 50 Hz: the stop comes at most 20 ms after cmd_timeout (a Python tick costs ~50 us).
+    'watchdog_rate': (50.0, 'how often the cmd_vel timeout is checked (Hz)', _floats(1.0, 200.0)),
 }
 
 
@@ -115,12 +122,12 @@ class MotorDriverNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
+        freeze_use_sim_time(self)
         values = {name: self._declare(name, *spec) for name, spec in PARAMETERS.items()}
         backend_name = values.pop('backend')
         rate = values.pop('watchdog_rate')
         self.cfg = MotorConfig(**values)
         self._watchdog = Watchdog(self.cfg.cmd_timeout)
-        self._halted = False  # True once the watchdog stop went through; reset by a command
         self.errors = 0
 
         # reliable depth 10: tests and the simulator must see every applied command, stops too.
@@ -128,15 +135,19 @@ class MotorDriverNode(Node):
         on_apply = self._publish_wheels if backend_name == 'sim' else None
         # Public so a test or an embedding process can wrap it (e.g. to inject faults).
         self.backend: MotorBackend = make_backend(backend_name, self.cfg, on_apply)
+        # Zero before the first command can arrive (MotorError: exit 2, nothing subscribed).
+        halt(self.backend)
+        self._halted = True  # True while stopped by us; a command clears it
 
         # Reliable (what teleop, nav2 and our policy_node publish), depth 1: only the newest
         # command may move the motors; a queue of older ones would replay stale intent.
         qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         self.create_subscription(Twist, 'cmd_vel', self._on_cmd_vel, qos)
-        self.create_timer(1.0 / rate, self._on_tick)
+        steady_timer(self, 1.0 / rate, self._on_tick)
         self.get_logger().info(
             f'backend {backend_name}, cmd_timeout {self.cfg.cmd_timeout} s, limits '
-            f'{self.cfg.max_linear} m/s {self.cfg.max_angular} rad/s; waiting for cmd_vel'
+            f'{self.cfg.max_linear} m/s {self.cfg.max_angular} rad/s; motors stopped, waiting '
+            'for cmd_vel'
         )
 
     def _declare(self, name: str, default: Any, description: str, extra: dict[str, Any]) -> Any:
@@ -171,7 +182,8 @@ class MotorDriverNode(Node):
         self._halted = False
 
     def _on_tick(self) -> None:
-        if self._halted or not self._watchdog.expired(time.monotonic()):
+        now = time.monotonic()
+        if self._halted or not self._watchdog.expired(now):
             return
         try:
             halt(self.backend)
@@ -179,10 +191,12 @@ class MotorDriverNode(Node):
             self._report(err)  # not halted: the next tick tries again
             return
         self._halted = True
-        if self._watchdog.last_feed is None:
-            self.get_logger().info('motors stopped until the first cmd_vel')
-        else:
-            self.get_logger().warning(f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped')
+        last = self._watchdog.last_feed
+        # The measured silence (last command -> this stop) is in the log: tests assert it.
+        silence = 'before any' if last is None else f'{now - last:.3f} s after the last'
+        self.get_logger().warning(
+            f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped ({silence} cmd_vel)'
+        )
 
     last_words = 'stopping the motors and exiting'  # close(), said in the log
 
@@ -199,6 +213,8 @@ class MotorDriverNode(Node):
             self.backend.close()
         except Exception as err:  # closing is best effort; the stop above is what matters
             self.get_logger().error(f'closing the motor backend failed: {err}')
+        else:
+            self.get_logger().info('motor backend released')
 
 
 def main(args: list[str] | None = None) -> None:

@@ -58,12 +58,13 @@ class NodeStats:
         self._previous: dict[str, int] | None = None  # counts at the previous report
         self._previous_at: float | None = None
 
-    def frame(self, age: float) -> None:
-        """A frame arrived; ``age``: receive time minus its stamp (s)."""
+    def frame(self, age: float | None) -> None:
+        """A frame arrived; ``age``: receive time minus its stamp (s), None when unknown."""
         with self._lock:
             self.counts['received'] += 1
-            self._age_s.append(age)
-            self._last_age = age
+            if age is not None:
+                self._age_s.append(age)
+                self._last_age = age
 
     def count(self, name: str) -> None:
         """One more of ``skipped``, ``late``, ``malformed`` or ``errors``."""

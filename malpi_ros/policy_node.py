@@ -7,13 +7,17 @@ The ROS glue around ``malpi_ros.policy.Policy`` (DESIGN §1, §4, §5); which fr
 live in pure modules tested without ROS.
 
 - ``image`` (sensor_msgs/Image, or CompressedImage with ``compressed:=true``): each frame is
-  checked for age and for the bundle's ``dt``, decoded, stepped (the LSTM state carries over),
+  checked for age and for the bundle's ``dt``, for its declared size (``max_frame_pixels``),
+  decoded, checked for age again, stepped (the LSTM state carries over),
   and its action published as a Twist on ``cmd_vel`` and as ``malpi_ros/PolicyOutput`` on
   ``~/output`` with the frame's header. A frame that cannot be decoded is counted, logged
   (throttled, with the reason) and dropped: bad input never stops the node and never yields a
   command. Any other failure in the callback is logged, counted and answered with a zero Twist.
 - No command computed for ``stop_after`` seconds: one zero Twist (``frame_gate.SilenceWatch``
-  says why once, not repeatedly).
+  says why once, not repeatedly). Its timer runs on the steady clock and silence is measured
+  with ``time.monotonic()``, so ``use_sim_time`` cannot switch it off; ``use_sim_time`` itself
+  is read-only (chosen at start) and only moves frame ages onto ``/clock``
+  (``frame_gate.SimClockWatch``: no running ``/clock``, no fresh frames).
 - ``~/reset`` (std_srvs/Trigger): zero the LSTM state; the answer says after how many steps.
 - ``~/enable`` (std_srvs/SetBool): ``false`` publishes one zero Twist and stops publishing on
   ``cmd_vel``. The node *keeps stepping* while disabled and publishes ``~/output`` with
@@ -52,7 +56,7 @@ from std_srvs.srv import SetBool, Trigger
 from malpi_ros import image
 from malpi_ros.actions import twist_for
 from malpi_ros.errors import BundleError, ConfigError, DecodeError, MalpiError
-from malpi_ros.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch
+from malpi_ros.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
 from malpi_ros.msg import PolicyOutput
 from malpi_ros.node_stats import NodeStats
 from malpi_ros.policy import Policy
@@ -64,7 +68,7 @@ from malpi_ros.policy_node_config import (
     ParamSpec,
     PolicyNodeConfig,
 )
-from malpi_ros.spin_node import run_node
+from malpi_ros.spin_node import freeze_use_sim_time, run_node, steady_timer
 
 LOG_PERIOD = 2.0  # s between repeated logs of one kind of bad frame or error
 FLUSH_TIMEOUT = 1.0  # s to wait for the final zero Twist to be acknowledged
@@ -136,6 +140,7 @@ class PolicyNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
+        freeze_use_sim_time(self)
         self.cfg = PolicyNodeConfig(**{n: self._declare(n, s) for n, s in PARAMETERS.items()})
         self.policy = load_policy(self.cfg)
         self.cfg.check_dt(self.policy.dt)
@@ -148,6 +153,7 @@ class PolicyNode(Node):
             reset_every_frame=self.cfg.reset_every_frame,
         )
         self.stats = NodeStats()
+        self._sim_clock = SimClockWatch(self.cfg.max_frame_age)
         self._silence = SilenceWatch(self.cfg.stop_after)
         self._cmd_lock = threading.Lock()  # guards _enabled, _epoch and publishing on cmd_vel
         self._enabled = self.cfg.start_enabled
@@ -172,10 +178,8 @@ class PolicyNode(Node):
         self.create_service(SetBool, '~/enable', self._on_enable, callback_group=service_group)
         # Check silence at a fraction of stop_after, so the stop comes at most ~25% late.
         period = min(0.05, self.cfg.stop_after / 4)
-        self.create_timer(period, self._on_silence_tick, callback_group=timer_group)
-        self.create_timer(
-            self.cfg.diagnostics_period, self._on_diagnostics, callback_group=timer_group
-        )
+        steady_timer(self, period, self._on_silence_tick, timer_group)
+        steady_timer(self, self.cfg.diagnostics_period, self._on_diagnostics, timer_group)
 
         model = self.policy.config.model
         self.get_logger().info(
@@ -218,8 +222,23 @@ class PolicyNode(Node):
                     throttle_duration_sec=LOG_PERIOD,
                 )
 
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
     def _step_on(self, msg: Image | CompressedImage) -> None:
-        now = self.get_clock().now().nanoseconds * 1e-9
+        clock = self.get_clock()
+        now = self._now()
+        if clock.ros_time_is_active:
+            problem = self._sim_clock.problem(now, time.monotonic())
+            if problem is not None:
+                self.stats.frame(None)
+                self.stats.count('late')
+                self.get_logger().warning(
+                    f'dropped a frame as late ({self.stats.counts["late"]} so far): its age '
+                    f'cannot be told, {problem}',
+                    throttle_duration_sec=LOG_PERIOD,
+                )
+                return
         decision = self.gate.decide(_stamp_seconds(msg.header.stamp), now)
         self.stats.frame(decision.age)
         if decision.verdict == LATE:
@@ -235,11 +254,21 @@ class PolicyNode(Node):
             self.stats.count('skipped')  # normal when the camera is faster than dt: no log
             return
         try:
-            rgb = image.decode(msg)
+            rgb = image.decode(msg, self.cfg.max_frame_pixels)
         except DecodeError as err:
             self.stats.count('malformed')
             self.get_logger().warning(
                 f'dropped a malformed frame ({self.stats.counts["malformed"]} so far): {err}',
+                throttle_duration_sec=LOG_PERIOD,
+            )
+            return
+        decoded = self._now()
+        if self.gate.too_old(decision.time, decoded):
+            self.stats.count('late')
+            self.get_logger().warning(
+                f'dropped a frame that went stale while decoding ({self.stats.counts["late"]} '
+                f'late so far): {decoded - decision.time:.3f} s old after decoding '
+                f'(max_frame_age {self.cfg.max_frame_age} s)',
                 throttle_duration_sec=LOG_PERIOD,
             )
             return

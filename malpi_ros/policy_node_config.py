@@ -14,6 +14,7 @@ from typing import Any
 from malpi_ros.actions import SELECTION_MODES, ActionSelector
 from malpi_ros.checks import flag, in_range, positive
 from malpi_ros.errors import ConfigError
+from malpi_ros.frame_size import DEFAULT_MAX_FRAME_PIXELS, MAX_FRAME_PIXELS_CAP, check_max_pixels
 from malpi_ros.policy import BACKENDS
 
 NODE_NAME = 'policy_node'
@@ -27,8 +28,11 @@ TOPICS = (IMAGE_TOPIC, CMD_VEL_TOPIC)
 class PolicyNodeConfig:
     """How policy_node runs a bundle: backend, selection, timing and safety (DESIGN §4, §5).
 
-    ``max_frame_age`` (s): frames older than this (receive time - stamp) are dropped as late;
-    0 turns the check off (e.g. a bag replayed without ``use_sim_time``).
+    ``max_frame_age`` (s): frames older than this (receive time - stamp) are dropped as late,
+    checked on arrival and again after decoding; 0 turns the check off (e.g. a bag replayed
+    without ``use_sim_time``). Under ``use_sim_time`` ages are on ``/clock``: frames are dropped
+    as late while it reads 0 (none received) or has not moved for ``max_frame_age``.
+    ``max_frame_pixels``: frames declaring more pixels are refused before decoding (malformed).
     ``stop_after`` (s): no command computed for this long → one zero Twist.
     ``reset_after_gap`` (s): a gap between stepped frames longer than this starts a new
     sequence (training starts a new episode after a gap too: ``DatasetConfig.gap``, 1 s).
@@ -45,6 +49,7 @@ class PolicyNodeConfig:
     epsilon: float = 0.0
     seed: int = 0
     max_frame_age: float = 0.5
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
     stop_after: float = 0.5
     reset_after_gap: float = 1.0
     start_enabled: bool = True
@@ -67,6 +72,7 @@ class PolicyNodeConfig:
         in_range('num_threads', self.num_threads, 1, 64)
         self.selector()  # ActionSelector checks selection, epsilon and seed
         in_range('max_frame_age', self.max_frame_age, 0.0)
+        check_max_pixels(self.max_frame_pixels)
         positive('stop_after', self.stop_after)
         positive('reset_after_gap', self.reset_after_gap)
         positive('diagnostics_period', self.diagnostics_period)
@@ -131,6 +137,12 @@ PARAMETERS: dict[str, ParamSpec] = {
         'drop frames older than this, receive time minus stamp (s); 0: no check',
         0.0,
         3600.0,
+    ),
+    'max_frame_pixels': ParamSpec(
+        _DEFAULTS['max_frame_pixels'],
+        'refuse frames declaring more pixels than this, before decoding (default 4096x4096)',
+        1,
+        MAX_FRAME_PIXELS_CAP,
     ),
     'stop_after': ParamSpec(
         _DEFAULTS['stop_after'],

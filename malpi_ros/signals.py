@@ -14,25 +14,28 @@ from contextlib import contextmanager
 
 
 class StopRequest(threading.Event):
-    """An Event set by SIGINT/SIGTERM; ``signal_name`` says which arrived first."""
+    """An Event set by SIGINT/SIGTERM; ``signal_name`` says which arrived first, ``signals``
+    how many arrived."""
 
     def __init__(self) -> None:
         super().__init__()
         self.signal_name: str | None = None
+        self.signals = 0
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     """A StopRequest set by SIGINT or SIGTERM while the block runs (main thread only).
 
-    The previous handlers come back on exit, so a second Ctrl-C during the clean-up after the
-    block ends the process the hard way.
+    The previous handlers come back on exit: a clean-up that must not be cut short by a second
+    Ctrl-C belongs inside the block (``spin_node.run_node`` does that).
     """
     stop = StopRequest()
 
     def request_stop(signum: int, _frame: object) -> None:
         if stop.signal_name is None:
             stop.signal_name = signal.Signals(signum).name
+        stop.signals += 1
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}

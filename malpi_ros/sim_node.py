@@ -6,7 +6,9 @@ Example (the motor driver's sim backend drives it):
 Each tick of a timer (``rate`` Hz of sim time, ``time_scale`` sim seconds per wall second) the
 world moves ``1 / rate`` s of sim time under the latest command, then the camera frame of the
 new pose is published. A command therefore acts during the period after the frame it answers,
-as when the expert's driving was recorded (``malpi_ros.sim_record``).
+as when the expert's driving was recorded (``malpi_ros.sim_record``). The timers run on the
+steady clock (the pace is set in wall seconds), so ``use_sim_time`` does not freeze the
+simulator; frames are stamped with the node's clock.
 
 Topics (relative names, remapped in launch files):
 - ``camera/image_raw`` (sensor_msgs/Image rgb8, sensor-data QoS: best effort, keep last 1, as a
@@ -68,6 +70,7 @@ from malpi_ros.image import encode_image_fields
 from malpi_ros.sim.camera import CameraConfig
 from malpi_ros.sim.robot import Pose, RobotConfig
 from malpi_ros.sim.world import SimConfig, SimWorld, StepResult
+from malpi_ros.spin_node import steady_timer
 
 NODE_NAME = 'sim_node'
 INPUTS = ('wheels', 'cmd_vel')
@@ -321,8 +324,10 @@ class SimNode(Node):
             qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
             self.create_subscription(Twist, 'cmd_vel', self._on_cmd_vel, qos)
         self.create_service(Trigger, '~/reset', self._on_reset)
-        self.create_timer(self.cfg.period, self._on_tick)
-        self.create_timer(self.cfg.progress_period, self._publish_progress)
+        # Steady timers: the world's pace is set in wall seconds (rate x time_scale); under
+        # use_sim_time with no /clock, timers on the node's clock would freeze the simulator.
+        steady_timer(self, self.cfg.period, self._on_tick)
+        steady_timer(self, self.cfg.progress_period, self._publish_progress)
         self.get_logger().info(
             f'sim at {self.cfg.rate:g} Hz x{self.cfg.time_scale:g}, seed {self.cfg.seed}, '
             f'{self.cfg.width}x{self.cfg.height} camera, input {self.cfg.input}, '

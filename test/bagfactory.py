@@ -14,6 +14,8 @@ helper that shared the decoder's code could not catch the decoder's mistakes.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,32 @@ def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> np.ndarray:
     ok, buf = cv2.imencode('.jpg', bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok, 'cv2.imencode failed'
     return buf.reshape(-1)
+
+
+def zero_png(width: int, height: int, rows_per_block: int = 160, colour: bool = False) -> bytes:
+    """A valid PNG of zeros (grey, or RGB), width x height, built without encoding its pixels.
+
+    A "PNG bomb" for the decode limits: 20000 x 20000 is ~390 KB but 400 Mpx once decoded. The
+    deflate stream is one block of rows, flushed (Z_FULL_FLUSH makes every later block encode
+    alike), repeated; the Adler-32 of n zero bytes is ``(n % 65521) << 16 | 1``.
+    """
+    assert height % rows_per_block == 0, 'height must be a multiple of rows_per_block'
+    row = width * (3 if colour else 1) + 1  # a filter byte (0: none) and the pixels
+    deflate = zlib.compressobj(9)
+    block = bytes(row * rows_per_block)
+    first = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    again = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    adler = ((row * height) % 65521) << 16 | 1
+    idat = first + again * (height // rows_per_block - 1) + b'\x03\x00' + struct.pack('>I', adler)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+        )
+
+    # 8 bits, grey (0) or RGB (2), no interlace
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 2 if colour else 0, 0, 0, 0)
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
 
 
 def image_msg(

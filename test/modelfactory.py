@@ -58,12 +58,23 @@ def make_tiny_bundle(
     width: int = 32,
     actions: ActionTable | None = None,
     dt: float = 0.1,
+    always: str | None = None,
 ) -> Path:
-    """Build a tiny random policy and save it as a bundle at ``path``; returns the path."""
+    """Build a tiny random policy and save it as a bundle at ``path``; returns the path.
+
+    ``always``: an action name the policy then picks on every frame (its output layer ignores
+    the state), for tests that need a robot that keeps driving.
+    """
     from malpi_ros.bundle import save_bundle
 
     config = tiny_config(height, width, actions)
     model = tiny_sequence_model(config, seed)
+    if always is not None:
+        layer = model.get_layer('policy')
+        kernel, bias = layer.get_weights()
+        bias[:] = -20.0
+        bias[config.actions.names.index(always)] = 20.0
+        layer.set_weights([kernel * 0.0, bias])
     return save_bundle(
         path,
         model,

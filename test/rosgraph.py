@@ -33,9 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import rclpy
+from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.srv import SetParameters
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
 from rclpy.qos import QoSProfile
 from rclpy.signals import SignalHandlerOptions
@@ -132,6 +135,24 @@ class Graph:
                 return False
             time.sleep(0.02)
         return True
+
+    def set_parameter(
+        self, node: str, name: str, value: Any, timeout: float = 30.0
+    ) -> SetParametersResult:
+        """Set a parameter of a running node through its service, as `ros2 param set` does."""
+        client = self.node.create_client(SetParameters, f'{node}/set_parameters')
+        assert client.wait_for_service(timeout_sec=timeout), f'no {node}/set_parameters service'
+        request = SetParameters.Request(
+            parameters=[Parameter(name, value=value).to_parameter_msg()]
+        )
+        future = client.call_async(request)
+        deadline = time.monotonic() + 10.0
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), f'{node}/set_parameters did not answer'
+        [result] = future.result().results
+        self.node.destroy_client(client)
+        return result
 
     def wait_publishers(self, topic: str, count: int = 1, timeout: float = 15.0) -> bool:
         """Wait until ``count`` publishers of ``topic`` (a full name) are discovered."""

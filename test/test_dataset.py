@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bagfactory import cue_memory_drive, mcap_file, synthetic_drive, write_bag
+from bagfactory import cue_memory_drive, mcap_file, synthetic_drive, write_bag, zero_png
 
 from malpi_ros import dataset as ds
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
@@ -376,3 +376,15 @@ def test_recordings_at_different_frame_rates_are_refused(tmp_path):
         ds.load_recordings([slow, fast], SMALL, cfg, TABLE)
     assert 'slow' in str(err.value) and 'fast' in str(err.value)
     assert len(ds.load_recordings([slow, slow], SMALL, cfg, TABLE).episodes) == 2
+
+
+def test_a_png_bomb_in_a_training_bag_is_counted_malformed_not_decoded(tmp_path):
+    drive = synthetic_drive(20, seed=12)
+    frames = list(drive.frames)
+    frames[5] = (frames[5][0], frames[5][1], {'format': 'png', 'data': zero_png(20000, 20000)})
+    path = write_bag(tmp_path / 'bomb', frames=frames, commands=drive.commands, compressed=True)
+    rec = ds.load_recordings([path], SMALL, DatasetConfig(burn_in=0, seq_len=5), TABLE)
+    report = rec.reports[0]
+    assert (report.image_messages, report.frames, report.malformed) == (20, 19, 1)
+    [(reason, count)] = report.malformed_reasons
+    assert count == 1 and 'over the limit of 16777216 (max_frame_pixels)' in reason

@@ -7,16 +7,20 @@ Messages are plain objects here (decode reads fields only); one test builds a re
 from __future__ import annotations
 
 import array
+import resource
+import time
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
+from bagfactory import zero_png
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from malpi_ros.config import PreprocessConfig
 from malpi_ros.errors import ConfigError, DecodeError
+from malpi_ros.frame_size import compressed_size
 from malpi_ros.image import (
     ENCODINGS,
     decode,
@@ -321,6 +325,82 @@ def test_corrupt_or_empty_compressed_data_raises_decode_error():
         with pytest.raises(DecodeError) as err:
             decode(SimpleNamespace(format='png', data=data))
         assert "'png'" in str(err.value) and f'{len(data)} bytes' in str(err.value)
+
+
+# --- bounded decoding (frame_size) --------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): what a decode could have pushed up."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_a_png_bomb_is_refused_from_its_header_fast_and_without_memory():
+    bomb = zero_png(20000, 20000)  # ~390 KB, 400 Mpx
+    assert len(bomb) < 500_000
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    with pytest.raises(DecodeError) as err:
+        decode(SimpleNamespace(format='png', data=bomb))
+    assert time.perf_counter() - start < 0.1
+    assert peak_rss_mb() - before < 50
+    assert '20000x20000 = 400000000 pixels is over the limit of 16777216' in str(err.value)
+    assert 'max_frame_pixels' in str(err.value)
+
+
+@pytest.mark.parametrize('ext', ['.png', '.jpg'])
+def test_compressed_header_sizes_are_opencvs_and_the_limit_is_inclusive(ext):
+    rgb = smooth_rgb(24, 32)
+    msg = compressed(rgb, ext, 'any')
+    assert compressed_size(msg.data)[1:] == (32, 24)
+    assert decode(msg, max_pixels=32 * 24).shape == (24, 32, 3)
+    with pytest.raises(DecodeError, match='32x24 = 768 pixels is over the limit of 767'):
+        decode(msg, max_pixels=32 * 24 - 1)
+
+
+def test_a_progressive_jpeg_with_extra_segments_is_sized_from_its_sof():
+    rgb = smooth_rgb(40, 56)
+    ok, buf = cv2.imencode(
+        '.jpg', rgb, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_RST_INTERVAL, 2]
+    )
+    assert ok
+    assert compressed_size(buf.tobytes()) == ('jpeg', 56, 40)
+
+
+def test_raw_frames_over_the_limit_are_refused_by_their_declared_size():
+    # Declared 20000x20000 with a tiny buffer: refused for its size, not only for the data.
+    msg = image_msg('rgb8', 20000, 20000, b'\0' * 12, step=60000)
+    with pytest.raises(DecodeError, match='over the limit of 16777216'):
+        decode(msg)
+    small = image_msg('rgb8', 24, 32, bytes(24 * 32 * 3))
+    with pytest.raises(DecodeError, match='32x24 = 768 pixels is over the limit of 100'):
+        decode(small, max_pixels=100)
+    huge_data = image_msg('mono8', 2, 2, bytes(100), step=2)
+    with pytest.raises(DecodeError, match='100 data bytes are more than a frame within'):
+        decode(huge_data, max_pixels=4)
+    with pytest.raises(ConfigError, match='max_frame_pixels must be an integer >= 1, got 0'):
+        decode(small, max_pixels=0)
+
+
+def test_damaged_or_foreign_compressed_frames_are_refused_before_opencv_sees_them(capfd):
+    png = compressed(smooth_rgb(), '.png', 'png').data
+    jpg = compressed(smooth_rgb(), '.jpg', 'jpeg').data
+    _, bmp = cv2.imencode('.bmp', smooth_rgb())  # a format OpenCV reads but we do not size
+    cases = {
+        'CRC mismatch': png[:40] + bytes([png[40] ^ 0xFF]) + png[41:],
+        'runs past the end': png[: len(png) // 2],
+        'without the end-of-image marker': jpg[: len(jpg) // 2],
+        'compressed frames must be PNG or JPEG': bmp.tobytes(),
+    }
+    for reason, data in cases.items():
+        with pytest.raises(DecodeError, match=reason):
+            decode(SimpleNamespace(format='x', data=data))
+    captured = capfd.readouterr()
+    assert captured.err == '' and captured.out == ''  # no OpenCV/libpng lines
+
+
+def test_opencv_logging_is_silent_after_import():
+    assert cv2.utils.logging.getLogLevel() == cv2.utils.logging.LOG_LEVEL_SILENT
 
 
 # --- fit_frame / normalize / preprocess ---------------------------------------------------

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from bagfactory import image_msg, mcap_file, synthetic_drive, write_bag
+from bagfactory import image_msg, mcap_file, synthetic_drive, write_bag, zero_png
 from support import NODE_DIR, ros_env
 
 from malpi_ros.cli import main
@@ -154,3 +155,45 @@ def test_the_installed_executable_runs_inspect(bag, drive):
         check=True,
     )
     assert 'malpi-ros inspect my_drive_bag/' in help_out.stdout
+
+
+# The inspect CLI in a child process that reports its own peak RSS and the time main() took.
+MEASURED_INSPECT = """
+import json, resource, sys, time
+from malpi_ros.cli import main
+start = time.perf_counter()
+code = main(['inspect', '--json', sys.argv[1]])
+took = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({'code': code, 'seconds': took, 'peak_rss_mb': rss}), file=sys.stderr)
+"""
+
+
+def _measured_inspect(bag) -> tuple[dict, dict]:
+    out = subprocess.run(
+        [sys.executable, '-c', MEASURED_INSPECT, str(bag)],
+        env=ros_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    measured = json.loads(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout)['bags'][0], measured
+
+
+def test_a_png_bomb_in_a_bag_is_reported_undecodable_without_decoding_it(tmp_path, drive):
+    bomb = zero_png(20000, 20000)  # 390 KB, 400 Mpx
+    frames = list(drive.frames)
+    plain = write_bag(tmp_path / 'plain', frames=frames, commands=drive.commands, compressed=True)
+    frames[0] = (frames[0][0], frames[0][1], {'format': 'png', 'data': bomb})
+    bombed = write_bag(tmp_path / 'bomb', frames=frames, commands=drive.commands, compressed=True)
+    base_report, base = _measured_inspect(plain)
+    report, measured = _measured_inspect(bombed)
+    assert base['code'] == measured['code'] == 0
+    [refused] = [f for f in report['image_formats'] if f['size'] == 'undecodable']
+    assert refused['frames'] == 1
+    assert '20000x20000 = 400000000 pixels is over the limit of 16777216' in refused['encoding']
+    assert measured['peak_rss_mb'] - base['peak_rss_mb'] < 50
+    assert measured['seconds'] < base['seconds'] + 1.0
+    assert report['labels'] == base_report['labels']  # labels never needed the pixels

@@ -191,6 +191,21 @@ def test_robot_yaml_holds_every_policy_node_parameter_with_its_default():
     assert {f.name for f in fields(PolicyNodeConfig)} == set(PARAMETER_NAMES)
 
 
+def test_robot_launch_respawns_the_motor_driver_quickly():
+    """A dead driver left the HAT on its last throttle; a new one zeroes it at start."""
+    source = (LAUNCH_DIR / 'robot.launch.py').read_text()
+    tree = ast.parse(source)
+    literals = _module_literals(tree)
+    nodes = {}
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and _call_name(call) == 'Node':
+            kw = {k.arg: k.value for k in call.keywords}
+            nodes[_constant(kw['executable'])] = kw
+    driver = nodes['motor_driver_node']
+    assert _resolve(driver.get('respawn'), literals) is True
+    assert 0 < _resolve(driver.get('respawn_delay'), literals) <= 1.0
+
+
 def node_param_files() -> list[Path]:
     """config/*.yaml files that hold node parameters (node: ros__parameters: ...)."""
     files = []

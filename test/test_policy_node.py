@@ -11,11 +11,13 @@ never drops one and its dt gate never skips one unless a test wants it to.
 from __future__ import annotations
 
 import json
+import re
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +27,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from bagfactory import zero_png
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist
 from modelfactory import make_tiny_bundle
 from rosgraph import Graph, graph
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 from support import NODE_DIR, ros_env, running, stop, wait_for
@@ -626,3 +630,109 @@ def test_bad_parameters_exit_non_zero_naming_them(bundle, params, fragment):
     )
     assert out.returncode == 2, out.stdout + out.stderr
     assert fragment in out.stderr
+
+
+# --- clocks and bounded inputs (issue 11) ----------------------------------------------------
+
+
+class SimClock:
+    """Publishes /clock at 100 Hz from a thread, as a simulator would: sim time = wall time."""
+
+    def __init__(self, g: Graph) -> None:
+        self.pub = g.publisher(Clock, '/clock')
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.01):
+            now = time.time()
+            msg = Clock()
+            msg.clock.sec, msg.clock.nanosec = int(now), int((now % 1) * 1e9)
+            self.pub.publish(msg)
+
+    def __enter__(self) -> SimClock:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_use_sim_time_ages_frames_on_clock_and_without_clock_steps_nothing(
+    bundle, frames, tmp_path
+):
+    env = ros_env()
+    log = tmp_path / 'node.log'
+    cmd = ros_args(bundle, use_sim_time=True, max_frame_age=0.5)
+    with graph(int(env['ROS_DOMAIN_ID'])) as g, running(cmd, env, log) as proc:
+        r = Rig(g, proc, log, env)  # /diagnostics comes: its timer is steady
+        # No /clock: an hour-old frame (and a fresh one) must not be stepped as if fresh.
+        for stamp in (time.time() - 3600.0, time.time()):
+            late = r.count('late')
+            r.send(fields(frames[0]), stamp=stamp)
+            r.wait_status(lambda v, n=late: int(v['late']) > n)
+        assert 'no /clock received yet' in r.text()
+        assert r.out.snapshot() == [] and r.cmd.snapshot() == []
+        # use_sim_time is chosen at start: refused at run time like every other parameter.
+        result = g.set_parameter('/policy_node', 'use_sim_time', False)
+        assert not result.successful and 'read-only' in result.reason
+        with SimClock(g):  # a simulator's clock: frames are aged on it
+            late = r.count('late')
+            r.send(fields(frames[1]), stamp=time.time() - 3600.0)
+            r.wait_status(lambda v: int(v['late']) > late)
+            _, out = r.step(fields(frames[2]))
+            assert_same(out, offline(bundle, [fields(frames[2])])[0], step=1)
+        assert proc.poll() is None
+
+
+LOG_TIME = re.compile(r'^\[WARN\] \[(\d+\.\d+)\] \[policy_node\]: (.*)$', re.MULTILINE)
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory of a process (MB), from /proc."""
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f'no VmHWM for {pid}')
+
+
+def test_a_png_bomb_is_dropped_fast_and_small_and_a_slow_decode_is_not_stepped(
+    bundle, frames, tmp_path
+):
+    env = ros_env()
+    log = tmp_path / 'node.log'
+    cmd = ros_args(bundle, compressed=True, max_frame_age=0.1, diagnostics_period=0.05)
+    pngs = [
+        {'format': 'png', 'data': cv2.imencode('.png', rgb[..., ::-1])[1].tobytes()}
+        for rgb in frames[:3]
+    ]
+    bomb = {'format': 'png', 'data': zero_png(20000, 20000)}  # 390 KB, 400 Mpx
+    # 4096 x 4096: at the default limit, so decoded - which takes longer than max_frame_age.
+    slow = {'format': 'png', 'data': zero_png(4096, 4096, rows_per_block=128, colour=True)}
+    with graph(int(env['ROS_DOMAIN_ID'])) as g, running(cmd, env, log) as proc:
+        r = Rig(g, proc, log, env, compressed=True)
+        r.steps(pngs[:2])
+        outputs, commands = len(r.out.snapshot()), len(r.cmd.snapshot())
+        peak = vm_hwm_mb(proc.pid)
+        malformed = r.count('malformed')
+        sent = r.send(bomb)
+        r.wait_status(lambda v: int(v['malformed']) > malformed)
+        stamp = sent.header.stamp.sec + sent.header.stamp.nanosec * 1e-9
+        [(logged, line)] = [m for m in LOG_TIME.findall(r.text()) if '20000x20000' in m[1]]
+        assert float(logged) - stamp < 0.1, line  # dropped within 100 ms of its stamp
+        assert 'over the limit of 16777216 (max_frame_pixels)' in line
+        grown = vm_hwm_mb(proc.pid) - peak
+        print(f'bomb: dropped {float(logged) - stamp:.4f} s after its stamp, peak RSS +{grown} MB')
+        assert grown < 50
+        late = r.count('late')
+        r.send(slow)
+        r.wait_status(lambda v: int(v['late']) > late, timeout=15)
+        assert 'went stale while decoding' in r.text()
+        time.sleep(0.2)
+        assert len(r.out.snapshot()) == outputs  # neither was stepped
+        # no command for either: only the silence stop's zero may have come since
+        assert all(twist_of(m) == (0.0, 0.0) for m in r.cmd.messages()[commands:])
+        _, out = r.step(pngs[2])  # and the node goes on
+        assert out.step == 3
+    assert 'OpenCV' not in log.read_text() and 'libpng' not in log.read_text()

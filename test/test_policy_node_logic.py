@@ -8,7 +8,15 @@ import math
 import pytest
 
 from malpi_ros.errors import ConfigError
-from malpi_ros.frame_gate import DT_TOLERANCE, LATE, SKIPPED, STEP, FrameGate, SilenceWatch
+from malpi_ros.frame_gate import (
+    DT_TOLERANCE,
+    LATE,
+    SKIPPED,
+    STEP,
+    FrameGate,
+    SilenceWatch,
+    SimClockWatch,
+)
 from malpi_ros.node_stats import ERROR, OK, WARN, NodeStats
 from malpi_ros.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
 
@@ -158,6 +166,27 @@ def test_stats_rates_percentiles_counts_and_levels():
     assert stats.report(5.0).level == ERROR
 
 
+def test_too_old_rechecks_the_age_after_decoding_and_zero_turns_it_off():
+    gate = FrameGate(0.1, max_frame_age=0.5)
+    decision = gate.decide(T0, T0 + 0.1)
+    assert decision.verdict == STEP
+    assert not gate.too_old(decision.time, T0 + 0.5)
+    assert gate.too_old(decision.time, T0 + 0.6)  # a 0.5 s decode made it stale
+    assert not FrameGate(0.1, max_frame_age=0.0).too_old(T0, T0 + 3600)
+
+
+def test_sim_clock_watch_refuses_a_clock_at_zero_or_stalled_and_accepts_a_running_one():
+    watch = SimClockWatch(0.5)
+    assert 'no /clock received yet' in watch.problem(0.0, 100.0)
+    assert watch.problem(5.0, 100.0) is None
+    assert watch.problem(5.0, 100.4) is None  # no new /clock for 0.4 s: still fine
+    assert 'has not moved for 0.60 s (/clock stalled)' in watch.problem(5.0, 100.6)
+    assert watch.problem(5.1, 100.7) is None  # it runs again
+    unchecked = SimClockWatch(0.0)  # max_frame_age 0: only a clock that never started
+    assert unchecked.problem(5.0, 1.0) is None and unchecked.problem(5.0, 1000.0) is None
+    assert unchecked.problem(0.0, 1000.0) is not None
+
+
 def _config(**overrides):
     return PolicyNodeConfig(bundle='/b', **overrides)
 
@@ -193,6 +222,8 @@ def test_config_defaults_match_the_parameter_table_and_robot_yaml():
         ({'stop_after': 0.0}, 'stop_after must be'),
         ({'reset_after_gap': math.inf}, 'reset_after_gap must be'),
         ({'diagnostics_period': 0}, 'diagnostics_period must be'),
+        ({'max_frame_pixels': 0}, 'max_frame_pixels must be an integer >= 1, got 0'),
+        ({'max_frame_pixels': 2**31}, 'max_frame_pixels must be <= 1073741824'),
         ({'respect_dt': 1}, 'respect_dt must be true or false, got 1'),
     ],
 )
