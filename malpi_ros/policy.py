@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,13 +44,28 @@ class StepRuntime(Protocol):
         self, frame: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
+    def run_with(
+        self, fill: Callable[[np.ndarray], object], h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Where one step's time went (ms): ``fit`` (crop + resize, ``image.fit_frame``; 0 for
+    ``step_fitted``), ``normalize`` (written into the runtime's input) and ``model`` (the
+    runtime call: state in, invoke, outputs out)."""
+
+    fit_ms: float
+    normalize_ms: float
+    model_ms: float
+
 
 @dataclass(frozen=True)
 class StepResult:
     """What one step gave: probabilities (float32, one per action) and the action chosen.
 
     ``step`` counts steps since the last reset, 1 for the first. ``inference_ms`` is the time of
-    preprocessing plus the model call.
+    preprocessing plus the model call; ``times`` splits it.
     """
 
     probabilities: np.ndarray
@@ -58,6 +73,7 @@ class StepResult:
     action_name: str
     step: int
     inference_ms: float
+    times: StepTimes
 
 
 class Policy:
@@ -94,10 +110,13 @@ class Policy:
         cls,
         path: str | Path,
         backend: str = 'litert',
-        num_threads: int = 2,
+        num_threads: int = 0,
         selector: ActionSelector | None = None,
     ) -> Policy:
-        """Load a bundle (checked, see ``load_bundle``) and run it on ``backend``."""
+        """Load a bundle (checked, see ``load_bundle``) and run it on ``backend``.
+
+        ``num_threads``: LiteRT interpreter threads; 0 derives them from the cores
+        (``runtime_litert.auto_threads``)."""
         if backend not in BACKENDS:
             raise ConfigError(f'backend must be one of {", ".join(BACKENDS)}, got {backend!r}')
         bundle = load_bundle(path)
@@ -150,27 +169,35 @@ class Policy:
 
     def step(self, rgb: np.ndarray) -> StepResult:
         """Preprocess an RGB uint8 frame (any size), run one step, keep the state, pick."""
-        start = time.perf_counter()
-        return self._step(image.preprocess(rgb, self._config.preprocess), start)
+        start = time.perf_counter_ns()
+        # image.preprocess, in its two parts: fit here, normalize into the runtime's input.
+        fitted = image.fit_frame(rgb, self._config.preprocess)
+        return self._step(fitted, start, time.perf_counter_ns())
 
     def step_fitted(self, fitted: np.ndarray) -> StepResult:
         """Step on a frame already cropped and resized by ``image.fit_frame`` (cached training
         frames): only ``image.normalize`` remains, so the input equals ``step``'s bit for bit."""
-        start = time.perf_counter()
-        return self._step(image.normalize(fitted, self._config.preprocess), start)
+        start = time.perf_counter_ns()
+        return self._step(fitted, start, start)
 
-    def _step(self, frame: np.ndarray, start: float) -> StepResult:
+    def _step(self, fitted: np.ndarray, start: int, fitted_at: int) -> StepResult:
+        normalized_at = [0]
+
+        def fill(buffer: np.ndarray) -> None:
+            image.normalize(fitted, self._config.preprocess, out=buffer)
+            normalized_at[0] = time.perf_counter_ns()
+
         with self._step_lock:
             with self._state_lock:
                 h, c, generation, steps = self._h, self._c, self._generation, self._steps
             # Outside the state lock: a reset never waits for the model. Arrays are never
-            # written in place (run() returns new ones), so h and c stay as read.
-            probs, h_next, c_next = self._runtime.run(frame[np.newaxis], h, c)
+            # written in place (run_with() returns new ones), so h and c stay as read.
+            probs, h_next, c_next = self._runtime.run_with(fill, h, c)
             with self._state_lock:
                 if self._generation == generation:
                     self._h, self._c = h_next, c_next
                     self._steps = steps + 1
-            elapsed_ms = (time.perf_counter() - start) * 1e3
+            end = time.perf_counter_ns()
             probs = np.asarray(probs, np.float32)
             action = self._selector.select(probs)
         return StepResult(
@@ -178,7 +205,12 @@ class Policy:
             action=action,
             action_name=self._names[action],
             step=steps + 1,
-            inference_ms=elapsed_ms,
+            inference_ms=(end - start) * 1e-6,
+            times=StepTimes(
+                fit_ms=(fitted_at - start) * 1e-6,
+                normalize_ms=(normalized_at[0] - fitted_at) * 1e-6,
+                model_ms=(end - normalized_at[0]) * 1e-6,
+            ),
         )
 
     def step_many(self, frames: Iterable[np.ndarray]) -> list[StepResult]:

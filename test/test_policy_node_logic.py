@@ -185,7 +185,7 @@ def test_config_defaults_match_the_parameter_table_and_robot_yaml():
     [
         ({'bundle': ''}, 'parameter bundle is required'),
         ({'backend': 'onnx'}, "backend must be one of litert, keras, got 'onnx'"),
-        ({'num_threads': 0}, 'num_threads must be'),
+        ({'num_threads': -1}, 'num_threads must be'),
         ({'selection': 'greedy'}, "got 'greedy'"),
         ({'epsilon': 1.5}, 'epsilon must be'),
         ({'seed': -1}, 'seed must be'),
