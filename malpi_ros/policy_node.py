@@ -219,6 +219,7 @@ class PolicyNode(Node):
                 )
 
     def _step_on(self, msg: Image | CompressedImage) -> None:
+        started = time.perf_counter_ns()  # per-stage times for /diagnostics (~1 us to take)
         now = self.get_clock().now().nanoseconds * 1e-9
         decision = self.gate.decide(_stamp_seconds(msg.header.stamp), now)
         self.stats.frame(decision.age)
@@ -235,7 +236,9 @@ class PolicyNode(Node):
             self.stats.count('skipped')  # normal when the camera is faster than dt: no log
             return
         try:
+            decode_started = time.perf_counter_ns()
             rgb = image.decode(msg)
+            decoded = time.perf_counter_ns()
         except DecodeError as err:
             self.stats.count('malformed')
             self.get_logger().warning(
@@ -249,6 +252,7 @@ class PolicyNode(Node):
             self.policy.reset()
         epoch = self._take_epoch()
         result = self.policy.step(rgb)
+        stepped = time.perf_counter_ns()
         self.gate.stepped(decision.time)
         self.stats.step(result.inference_ms)
         linear_x, angular_z = twist_for(result.action, self._actions)
@@ -265,6 +269,15 @@ class PolicyNode(Node):
         out.inference_ms = result.inference_ms
         out.enabled = commanded
         self._output.publish(out)
+        done = time.perf_counter_ns()
+        self.stats.timed(
+            decode=(decoded - decode_started) * 1e-6,
+            fit=result.times.fit_ms,
+            normalize=result.times.normalize_ms,
+            model=result.times.model_ms,
+            publish=(done - stepped) * 1e-6,
+            callback=(done - started) * 1e-6,
+        )
 
     def _epoch_now(self) -> int:
         with self._cmd_lock:
