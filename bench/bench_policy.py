@@ -15,13 +15,12 @@ Model calls only, on preprocessed frames; (e) adds preprocessing of a 120x160 ca
 
 Then the stages of the frame path one by one (decode an rgb8 message, fit = crop + resize,
 normalize, the LiteRT step at 1, 2 and 4 threads, ``Policy.step`` and its own split), the compute
-floor (FLOPs counted from the config / numpy float32 matmul throughput measured here), the
-LSTM's input matrix-vector product alone in numpy (at batch 1 the biggest layer is a GEMV: it
-streams its weights once per frame, so it is bound by memory, not by the matmul rate), a
-memory floor (weights / measured copy bandwidth), and the peak RSS and start-up time of a
-process that only loads a bundle with the LiteRT backend and steps it once. The CPU (cores,
-AVX-512 or not) and the load are printed with the figures. Numbers drift run to run; compare
-ratios within one run.
+floor (FLOPs counted from the config / numpy float32 matmul throughput measured here), a memory
+floor (weights / measured copy bandwidth: at batch 1 the LSTM's input kernel is a matrix-vector
+product that reads each of its 15.9 MB of weights once per frame for 2 FLOPs, so it is bound by
+memory, not by the matmul rate), and the peak RSS and start-up time of a process that only
+loads a bundle with the LiteRT backend and steps it once. The CPU (cores, AVX-512 or not) and
+the load are printed with the figures. Numbers drift run to run; compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -97,28 +96,6 @@ def copy_gbps(megabytes: int = 64, repeats: int = 10) -> float:
     np.copyto(dst, src)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
     return 2 * src.nbytes / best / 1e9
-
-
-def gemv_ms(features: int, outputs: int, repeats: int = 50) -> float:
-    """Best seconds of a float32 (1 x features) @ (features x outputs) in numpy: the LSTM's
-    input kernel at batch 1, the one layer that streams megabytes of weights per frame. Best,
-    not median: a floor is what the machine can do (numpy's BLAS threads suffer most from a
-    shared machine)."""
-    rng = np.random.default_rng(0)
-    x = rng.random((1, features), dtype=np.float32)
-    w = rng.random((features, outputs), dtype=np.float32)
-    out = np.empty((1, outputs), np.float32)
-    for _ in range(5):
-        np.matmul(x, w, out=out)
-    return min(_timed(lambda: np.matmul(x, w, out=out)) for _ in range(repeats))
-
-
-def lstm_features(cfg: ModelConfig) -> int:
-    h, w, c = cfg.input_shape
-    for conv in cfg.convs:
-        h, w = (h - conv.kernel) // conv.stride + 1, (w - conv.kernel) // conv.stride + 1
-        c = conv.filters
-    return h * w * c
 
 
 def interleaved_ms(
@@ -376,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     weights = weight_bytes(cfg)
     memory_floor_ms = weights / (gbps / 2 * 1e9) * 1e3  # read once: half a copy's traffic
 
-    gemv = gemv_ms(lstm_features(cfg), 4 * cfg.lstm_units) * 1e3
     base = float(np.median(rows[0][1]))
     print(f'\nmachine: {describe()} (at the start: load {load_start:.2f})')
     print(
@@ -409,11 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f'| compute floor (FLOPs / matmul rate) | {compute_floor_ms:.3f} ms |')
     print(f'| (d) / compute floor | {lite_ms / compute_floor_ms:.2f}x (target <= 3x) |')
-    features = lstm_features(cfg)
-    print(
-        f'| LSTM input GEMV alone, numpy float32 (1x{features})@({features}x'
-        f'{4 * cfg.lstm_units}), batch 1, best | {gemv:.3f} ms ((d) = {lite_ms / gemv:.2f}x) |'
-    )
     print(f'| weights streamed per frame | {weights / 1e6:.1f} MB |')
     print(f'| copy bandwidth (read + write) | {gbps:.1f} GB/s |')
     print(
