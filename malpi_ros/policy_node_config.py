@@ -39,7 +39,7 @@ class PolicyNodeConfig:
 
     bundle: str
     backend: str = 'litert'
-    num_threads: int = 0  # 0: auto, the cores less one, 1 to 4 (runtime_litert.auto_threads)
+    num_threads: int = 0  # 0: auto, one per core, 1 to 4 (runtime_litert.auto_threads)
     compressed: bool = False
     selection: str = 'argmax'
     epsilon: float = 0.0
@@ -112,7 +112,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     ),
     'num_threads': ParamSpec(
         _DEFAULTS['num_threads'],
-        'threads of the LiteRT interpreter (XNNPACK); 0 = auto: the cores less one, 1 to 4',
+        'threads of the LiteRT interpreter (XNNPACK); 0 = auto: one per core, 1 to 4',
         0,
         64,
     ),

@@ -26,16 +26,17 @@ OUTPUTS = ('probs', 'h_next', 'c_next')
 
 
 def auto_threads(cores: int | None = None) -> int:
-    """Interpreter threads for ``num_threads=0``: the cores less one, from 1 to 4.
+    """Interpreter threads for ``num_threads=0``: one per core, from 1 to 4.
 
-    One core is left to the ROS executor, DDS and the camera driver. Seen on a 2-core machine
-    shared with those (README, Benchmarks): a second interpreter thread made the step no faster
-    and the node's latency tail worse, so 2 cores give 1; a Pi's 4 give 3. Capped at 4: more
-    was not measured, and batch-1 work on this model splits into few parts.
+    The calling thread is one of them (XNNPACK's pool adds ``num_threads - 1`` workers). Seen on
+    a 2-core machine under load from other jobs (README, Benchmarks): 2 threads stepped faster
+    in the node than 1 (median 3.1 vs 3.6 ms over 3 runs each) with tails alike; a Pi's 4 cores
+    give 4. Capped at 4: more was not measured, and batch-1 work on this model splits into few
+    parts.
     """
     if cores is None:
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores - 1))
+    return max(1, min(4, cores))
 
 
 class LiteRTStep:
