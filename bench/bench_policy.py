@@ -10,8 +10,9 @@ frame; (b) the peers' (DonkeyCar) route: the stateless sequence model over a win
 3 frames at every step, called directly through a ``tf.function``; (c) our Keras step
 (``tf.function``, explicit state); (d) our LiteRT step (XNNPACK); each as a speed-up over (a).
 Model calls only, on preprocessed frames; (e) adds preprocessing of a 120x160 camera frame
-(``Policy.step``). (d) and (e) are timed frame by frame in turn, so their ratio (target
-<= 1.3x) is not moved by the load of a shared machine changing between two blocks.
+(``Policy.step``). (d) and (e) run on one interpreter, timed frame by frame in turn, so their
+ratio (target <= 1.3x) is not moved by the load of a shared machine changing between two
+blocks, nor by two copies of the weights evicting each other from the caches.
 
 Then the stages of the frame path one by one (decode an rgb8 message, fit = crop + resize,
 normalize, the LiteRT step at 1, 2 and 4 threads, ``Policy.step`` and its own split), the compute
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             probs, lstate[0], lstate[1] = lite.run(x[i % n], lstate[0], lstate[1])
             return probs
 
-        policy = Policy.from_bundle(bundle_dir, backend='litert', num_threads=args.threads)
+        # (e) on the same interpreter as (d): one copy of the weights in the caches for both.
+        policy = Policy(lite, config, dt=0.1)
         results = []
 
         def ours_policy(i: int) -> object:
