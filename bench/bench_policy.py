@@ -1,7 +1,7 @@
 """Per-frame cost of running the policy on the robot, against the reference approaches.
 
 Example:
-    .venv/bin/python bench/bench_policy.py            # default config, ~1-2 min on 2 cores
+    .venv/bin/python bench/bench_policy.py            # default config, ~2 min on 2 cores
     .venv/bin/python bench/bench_policy.py --frames 100 --seed-frames 20
 
 At the default config (120x120x3, MaLPi convs, LSTM 128, 5 actions), from one run:
@@ -10,10 +10,18 @@ frame; (b) the peers' (DonkeyCar) route: the stateless sequence model over a win
 3 frames at every step, called directly through a ``tf.function``; (c) our Keras step
 (``tf.function``, explicit state); (d) our LiteRT step (XNNPACK); each as a speed-up over (a).
 Model calls only, on preprocessed frames; (e) adds preprocessing of a 120x160 camera frame
-(``Policy.step``). Then the compute floor (FLOPs counted from the config / numpy float32 matmul
-throughput measured here), a memory floor (weights streamed per frame / measured copy
-bandwidth), and the peak RSS and start-up time of a process that only loads a bundle with the
-LiteRT backend and steps it once. Numbers drift run to run; compare ratios within one run.
+(``Policy.step``). (d) and (e) run on one interpreter, timed frame by frame in turn, so their
+ratio (target <= 1.3x) is not moved by the load of a shared machine changing between two
+blocks, nor by two copies of the weights evicting each other from the caches.
+
+Then the stages of the frame path one by one (decode an rgb8 message, fit = crop + resize,
+normalize, the LiteRT step at 1, 2 and 4 threads, ``Policy.step`` and its own split), the compute
+floor (FLOPs counted from the config / numpy float32 matmul throughput measured here), a memory
+floor (weights / measured copy bandwidth: at batch 1 the LSTM's input kernel is a matrix-vector
+product that reads each of its 15.9 MB of weights once per frame for 2 FLOPs, so it is bound by
+memory, not by the matmul rate), and the peak RSS and start-up time of a process that only
+loads a bundle with the LiteRT backend and steps it once. The CPU (cores, AVX-512 or not) and
+the load are printed with the figures. Numbers drift run to run; compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import numpy as np
+from machine import describe, load
 
 from malpi_ros.config import ModelConfig, PolicyConfig
 
@@ -89,6 +99,20 @@ def copy_gbps(megabytes: int = 64, repeats: int = 10) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def interleaved_ms(
+    steps: dict[str, Callable[[int], object]], frames: int
+) -> dict[str, np.ndarray]:
+    """Per-frame ms of each step, timed in turn frame by frame (same load for all)."""
+    for i in range(3):
+        for step in steps.values():
+            step(i)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(frames):
+        for name, step in steps.items():
+            times[name].append(_timed(lambda i=i, step=step: step(i)) * 1e3)
+    return {name: np.array(ms) for name, ms in times.items()}
+
+
 def l3_cache_mb() -> str:
     """The L3 size as the kernel reports it ('?' where it does not)."""
     try:
@@ -108,6 +132,38 @@ def per_frame_ms(step: Callable[[int], object], frames: int, warmup: int = 3) ->
     for i in range(warmup):
         step(i)
     return np.array([_timed(lambda i=i: step(i)) * 1e3 for i in range(frames)])
+
+
+def stage_rows(
+    camera: np.ndarray, config: PolicyConfig, frames: int
+) -> list[tuple[str, np.ndarray]]:
+    """Decode, fit and normalize alone, as ``Policy.step`` runs them (reused output buffer)."""
+    from malpi_ros import image
+
+    height, width = camera.shape[1:3]
+    messages = [
+        SimpleNamespace(height=height, width=width, encoding='rgb8', step=width * 3,
+                        is_bigendian=0, data=f.tobytes())
+        for f in camera
+    ]  # fmt: skip
+    n = len(camera)
+    fitted = [image.fit_frame(f, config.preprocess) for f in camera]
+    buffer = np.empty(fitted[0].shape, np.float32)
+    pre = config.preprocess
+    return [
+        (
+            f'decode ({height}x{width} rgb8 message -> RGB array)',
+            per_frame_ms(lambda i: image.decode(messages[i % n]), frames),
+        ),
+        (
+            f'fit (crop + resize {height}x{width} -> {pre.height}x{pre.width}, INTER_AREA)',
+            per_frame_ms(lambda i: image.fit_frame(camera[i % n], pre), frames),
+        ),
+        (
+            f'normalize ({pre.normalization!r}, into a reused float32 buffer)',
+            per_frame_ms(lambda i: image.normalize(fitted[i % n], pre, out=buffer), frames),
+        ),
+    ]
 
 
 def seed_model(sequence_model, cfg: ModelConfig):
@@ -174,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--frames', type=int, default=200, help='frames timed per route')
     parser.add_argument('--seed-frames', type=int, default=40, help='frames for route (a)')
+    parser.add_argument(
+        '--threads', type=int, default=0, help='LiteRT threads for (d), (e); 0 = auto, as the node'
+    )
     args = parser.parse_args(argv)
     # Measured before and after the routes; the best counts (other processes on a shared
     # machine only ever slow it down, and a floor must not be pessimistic).
+    load_start = load()
     gflops_before = matmul_gflops()
 
     import keras
@@ -240,25 +300,50 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
+    stages: list[tuple[str, np.ndarray]] = []
     with tempfile.TemporaryDirectory(prefix='malpi_bench_') as tmp:
         bundle_dir = save_bundle(Path(tmp) / 'bundle', model, config, dt=0.1, seq_len=10)
-        lite = LiteRTStep(bundle_dir / 'step.tflite', num_threads=2)
+        lite = LiteRTStep(bundle_dir / 'step.tflite', num_threads=args.threads)
         lstate = [units, units]
 
         def ours_litert(i: int) -> object:
             probs, lstate[0], lstate[1] = lite.run(x[i % n], lstate[0], lstate[1])
             return probs
 
+        # (e) on the same interpreter as (d): one copy of the weights in the caches for both.
+        policy = Policy(lite, config, dt=0.1)
+        results = []
+
+        def ours_policy(i: int) -> object:
+            results.append(policy.step(camera[i % n]))
+            return results[-1]
+
+        both = interleaved_ms({'d': ours_litert, 'e': ours_policy}, args.frames)
+        rows.append((f'(d) ours: LiteRT step (XNNPACK, {lite.num_threads} threads)', both['d']))
         rows.append(
-            ('(d) ours: LiteRT step (XNNPACK, 2 threads)', per_frame_ms(ours_litert, args.frames))
+            ('(e) ours: `Policy.step` (LiteRT + preprocess 120x160 -> 120x120)', both['e'])
         )
-        policy = Policy.from_bundle(bundle_dir, backend='litert', num_threads=2)
-        rows.append(
-            (
-                '(e) ours: `Policy.step` (LiteRT + preprocess 120x160 -> 120x120)',
-                per_frame_ms(lambda i: policy.step(camera[i % n]), args.frames),
+        timed = results[3:]  # the three warm-up steps left out
+        stages += stage_rows(camera, config, args.frames)
+        for threads in (1, 2, 4):
+            step = LiteRTStep(bundle_dir / 'step.tflite', num_threads=threads)
+            state = [units, units]
+
+            def at_threads(i: int, step: LiteRTStep = step, state: list = state) -> object:
+                probs, state[0], state[1] = step.run(x[i % n], state[0], state[1])
+                return probs
+
+            stages.append(
+                (f'LiteRT step, {threads} thread(s)', per_frame_ms(at_threads, args.frames))
             )
-        )
+        stages.append(('`Policy.step`, all of it (= (e))', both['e']))
+        for part in ('fit', 'normalize', 'model'):
+            stages.append(
+                (
+                    f'`Policy.step`, its own `{part}_ms`',
+                    np.array([getattr(r.times, f'{part}_ms') for r in timed]),
+                )
+            )
         process = litert_process(bundle_dir)
 
     flops = count_flops(cfg)
@@ -271,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_floor_ms = weights / (gbps / 2 * 1e9) * 1e3  # read once: half a copy's traffic
 
     base = float(np.median(rows[0][1]))
+    print(f'\nmachine: {describe()} (at the start: load {load_start:.2f})')
     print(
         f'\n## Policy step, default config ({cfg.height}x{cfg.width}x{cfg.channels}, '
         f'convs {[f"{c.filters}@{c.kernel}x{c.kernel}/{c.stride}" for c in cfg.convs]}, '
@@ -284,6 +370,16 @@ def main(argv: list[str] | None = None) -> int:
             f'| {name} | {len(ms)} | {med:.3f} | {np.percentile(ms, 99):.3f} | {base / med:.1f}x |'
         )
     lite_ms = float(np.median(rows[3][1]))
+    policy_ms = float(np.median(rows[4][1]))
+    p10 = float(np.percentile(rows[4][1], 10)) / float(np.percentile(rows[3][1], 10))
+    print(
+        f'\n(e) / (d), timed in turn: **{policy_ms / lite_ms:.2f}x** of medians, {p10:.2f}x of '
+        'p10s (what the code costs when the scheduler leaves it alone) (target <= 1.3x)\n'
+    )
+    print('| stage of the frame path | frames | median ms | p99 ms |')
+    print('|---|---:|---:|---:|')
+    for name, ms in stages:
+        print(f'| {name} | {len(ms)} | {np.median(ms):.3f} | {np.percentile(ms, 99):.3f} |')
     print()
     print('| measure | value |')
     print('|---|---:|')

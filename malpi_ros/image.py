@@ -247,33 +247,89 @@ def fit_frame(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return frame
 
 
-def normalize(frames_uint8: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def normalize(
+    frames_uint8: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None
+) -> np.ndarray:
     """float32 model input of the same shape, for one frame (h, w, c) or stacked (..., h, w, c).
 
     'unit' maps to [0, 1]. 'standardize' (MaLPi's choice) makes each frame's channels zero-mean
     and unit-variance over H, W, so the policy does not depend on exposure; the divisor is
     ``max(std, 1/sqrt(H*W))`` so a constant frame gives zeros, not a division by zero.
+    ``out``: a C-contiguous float32 array of the frames' shape to write into and return (e.g.
+    the runtime's input tensor), so the robot allocates nothing per frame.
     """
     frames = np.asarray(frames_uint8)
     if frames.ndim < 3 or frames.shape[-1] != cfg.channels:
         raise DecodeError(
             f'expected frames of shape (..., H, W, {cfg.channels}), got {frames.shape}'
         )
+    if frames.dtype != np.uint8:
+        raise DecodeError(f'expected uint8 frames, got {frames.dtype}')
+    out = _float_output(frames.shape, out)
     if cfg.normalization == 'unit':
-        return frames.astype(np.float32) / np.float32(255.0)
-    # Statistics in float64: a frame's result must not depend on how many frames are stacked.
-    axes = (-3, -2)
-    # Centre once and take the std from the centred frame (no second pass for the mean).
-    centred = frames - frames.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = np.sqrt(np.mean(np.square(centred), axis=axes, keepdims=True))
-    floor = 1.0 / math.sqrt(frames.shape[-3] * frames.shape[-2])
-    centred /= np.maximum(std, floor)
-    return centred.astype(np.float32)
+        return np.divide(frames, np.float32(255.0), out=out, dtype=np.float32)
+    # One frame at a time: a frame's result cannot depend on how many frames are stacked.
+    height, width, channels = frames.shape[-3:]
+    floor = 1.0 / math.sqrt(height * width)
+    for frame, dst in zip(
+        frames.reshape(-1, height, width, channels),
+        out.reshape(-1, height, width, channels),
+        strict=True,
+    ):
+        _standardize(frame, dst, floor)
+    return out
 
 
-def preprocess(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """THE preprocessing of training and robot: float32 (cfg.height, cfg.width, cfg.channels)."""
-    return normalize(fit_frame(rgb, cfg), cfg)
+# Every uint8 level, one per row: 'standardize' evaluates its formula on these, not on pixels.
+_LEVELS = np.arange(256, dtype=np.float64)[:, np.newaxis]
+
+
+def _standardize(frame: np.ndarray, dst: np.ndarray, floor: float) -> None:
+    """``(frame - mean) / max(std, floor)`` per channel, written into ``dst``.
+
+    A uint8 channel has only 256 values: the formula is evaluated in float64 once per value
+    (a 256 x C table, rounded once to float32) and looked up per pixel with ``cv2.LUT``. The
+    same numbers as evaluating it per pixel in float64 (seen: bit for bit), ~10x faster than
+    numpy reductions over axes (0, 1), which walk the frame with a stride of C.
+    """
+    pixels = frame.shape[0] * frame.shape[1]
+    mean, std = cv2.meanStdDev(frame)  # float64; OpenCV sums uint8 exactly
+    # OpenCV returns the exact sum times 1/n, one rounding off sum / n: recover the sum, so a
+    # constant frame centres to exact zeros.
+    mean = np.rint(mean[:, 0] * pixels) / pixels
+    table = ((_LEVELS - mean) / np.maximum(std[:, 0], floor)).astype(np.float32)
+    written = cv2.LUT(frame, table.reshape(256, 1, -1), dst=dst)
+    if written is not dst:  # OpenCV allocates instead when dst does not fit: never silently
+        np.copyto(dst, written.reshape(dst.shape))
+
+
+def _float_output(shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    fits = (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.float32
+        and out.shape == shape
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    )
+    if not fits:
+        got = f'{out.dtype}{list(out.shape)}' if isinstance(out, np.ndarray) else type(out)
+        raise DecodeError(
+            f"out must be a writable C-contiguous float32 array of the frames' shape "
+            f'{list(shape)}, got {got}'
+        )
+    return out
+
+
+def preprocess(
+    rgb: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None
+) -> np.ndarray:
+    """THE preprocessing of training and robot: float32 (cfg.height, cfg.width, cfg.channels).
+
+    ``out``: where to write it (see ``normalize``).
+    """
+    return normalize(fit_frame(rgb, cfg), cfg, out)
 
 
 _ENCODERS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16')

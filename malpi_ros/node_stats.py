@@ -5,6 +5,9 @@ rates cover the interval since the previous report; inference time and frame age
 cover the last ``window`` steps/frames. The level is WARN when frames were malformed or late
 since the previous report (the camera or its clock needs looking at) and ERROR when a callback
 failed; OK otherwise (DESIGN §5: a silent failure looks like a working robot).
+
+Per-stage times of the frame path (``STAGES``, median over the window) say where a frame's
+milliseconds go on the robot itself, not only in a benchmark.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import numpy as np
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 
 COUNTERS = ('received', 'stepped', 'skipped', 'late', 'malformed', 'errors')
+# Stages of the frame path in the node (ms): decode the message, fit (crop + resize), normalize
+# (into the model's input), model (the runtime call), publish (build and publish Twist and
+# PolicyOutput), callback (the image callback from its start to both published).
+STAGES = ('decode', 'fit', 'normalize', 'model', 'publish', 'callback')
 _PROBLEMS = (('malformed', 'malformed frames'), ('late', 'late frames'), ('errors', 'errors'))
 
 
@@ -37,8 +44,8 @@ def _percentile(values: deque[float], q: float) -> float:
     return float(np.percentile(np.fromiter(values, float), q)) if values else float('nan')
 
 
-def _ms(value: float) -> str:
-    return 'n/a' if value != value else f'{value:.2f}'  # NaN: nothing measured yet
+def _ms(value: float, digits: int = 2) -> str:
+    return 'n/a' if value != value else f'{value:.{digits}f}'  # NaN: nothing measured yet
 
 
 class NodeStats:
@@ -54,6 +61,7 @@ class NodeStats:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._inference_ms: deque[float] = deque(maxlen=window)
         self._age_s: deque[float] = deque(maxlen=window)
+        self._stages: dict[str, deque[float]] = {n: deque(maxlen=window) for n in STAGES}
         self._last_age = float('nan')
         self._previous: dict[str, int] | None = None  # counts at the previous report
         self._previous_at: float | None = None
@@ -76,6 +84,15 @@ class NodeStats:
             self.counts['stepped'] += 1
             self._inference_ms.append(inference_ms)
 
+    def timed(self, **stages_ms: float) -> None:
+        """The times (ms) of one frame's stages, by name (``STAGES``)."""
+        unknown = set(stages_ms) - set(STAGES)
+        if unknown:
+            raise ValueError(f'unknown stages {sorted(unknown)}; known: {", ".join(STAGES)}')
+        with self._lock:
+            for name, ms in stages_ms.items():
+                self._stages[name].append(ms)
+
     def report(self, now: float, extra: tuple[tuple[str, str], ...] = ()) -> Report:
         """The report for the interval since the previous call (``now``: monotonic seconds)."""
         with self._lock:
@@ -85,6 +102,9 @@ class NodeStats:
             self._previous, self._previous_at = counts, now
             inference = (_percentile(self._inference_ms, 50), _percentile(self._inference_ms, 99))
             age_last, age_p99 = self._last_age, _percentile(self._age_s, 99)
+            age_p50 = _percentile(self._age_s, 50)
+            stages = {name: _percentile(times, 50) for name, times in self._stages.items()}
+            callback_p99 = _percentile(self._stages['callback'], 99)
         grew = {name: counts[name] - previous[name] for name in COUNTERS}
 
         def rate(name: str) -> str:
@@ -109,7 +129,11 @@ class NodeStats:
             ('inference_ms_p50', _ms(inference[0])),
             ('inference_ms_p99', _ms(inference[1])),
             ('frame_age_ms_last', _ms(age_last * 1e3)),
+            ('frame_age_ms_p50', _ms(age_p50 * 1e3)),
             ('frame_age_ms_p99', _ms(age_p99 * 1e3)),
+            # Microseconds shown: decode and fit of a small frame take tens of them.
+            *((f'{name}_ms_p50', _ms(ms, 3)) for name, ms in stages.items()),
+            ('callback_ms_p99', _ms(callback_p99, 3)),
             *((name, str(counts[name])) for name in COUNTERS),
             *extra,
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,13 +48,28 @@ class StepRuntime(Protocol):
         self, frame: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
+    def run_with(
+        self, fill: Callable[[np.ndarray], object], h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Where one step's time went (ms): ``fit`` (crop + resize, ``image.fit_frame``; 0 for
+    ``step_fitted``), ``normalize`` (written into the runtime's input) and ``model`` (the
+    runtime call: state in, invoke, outputs out)."""
+
+    fit_ms: float
+    normalize_ms: float
+    model_ms: float
+
 
 @dataclass(frozen=True)
 class StepResult:
     """What one step gave: probabilities (float32, one per action) and the action chosen.
 
     ``step`` counts steps since the last reset, 1 for the first. ``inference_ms`` is the time of
-    preprocessing plus the model call.
+    preprocessing plus the model call; ``times`` splits it.
     """
 
     probabilities: np.ndarray
@@ -62,6 +77,7 @@ class StepResult:
     action_name: str
     step: int
     inference_ms: float
+    times: StepTimes
 
 
 class Policy:
@@ -92,8 +108,8 @@ class Policy:
         self._generation = 0
         self._steps = 0
         self._h, self._c = self._zero_state()
-        # A window policy (config.window K > 0) keeps its last K model inputs instead of a
-        # state, and re-runs them from a zero state every step.
+        # A window policy (config.window K > 0) keeps its last K fitted frames (uint8) instead
+        # of a state, and re-runs them from a zero state every step.
         self._recent: deque[np.ndarray] = deque(maxlen=max(config.window, 1))
 
     @classmethod
@@ -101,10 +117,13 @@ class Policy:
         cls,
         path: str | Path,
         backend: str = 'litert',
-        num_threads: int = 2,
+        num_threads: int = 0,
         selector: ActionSelector | None = None,
     ) -> Policy:
-        """Load a bundle (checked, see ``load_bundle``) and run it on ``backend``."""
+        """Load a bundle (checked, see ``load_bundle``) and run it on ``backend``.
+
+        ``num_threads``: LiteRT interpreter threads; 0 derives them from the cores
+        (``runtime_litert.auto_threads``)."""
         if backend not in BACKENDS:
             raise ConfigError(f'backend must be one of {", ".join(BACKENDS)}, got {backend!r}')
         bundle = load_bundle(path)
@@ -158,37 +177,56 @@ class Policy:
 
     def step(self, rgb: np.ndarray) -> StepResult:
         """Preprocess an RGB uint8 frame (any size), run one step, keep the state, pick."""
-        start = time.perf_counter()
-        return self._step(image.preprocess(rgb, self._config.preprocess), start)
+        start = time.perf_counter_ns()
+        # image.preprocess, in its two parts: fit here, normalize into the runtime's input.
+        fitted = image.fit_frame(rgb, self._config.preprocess)
+        return self._step(fitted, start, time.perf_counter_ns())
 
     def step_fitted(self, fitted: np.ndarray) -> StepResult:
         """Step on a frame already cropped and resized by ``image.fit_frame`` (cached training
         frames): only ``image.normalize`` remains, so the input equals ``step``'s bit for bit."""
-        start = time.perf_counter()
-        return self._step(image.normalize(fitted, self._config.preprocess), start)
+        start = time.perf_counter_ns()
+        return self._step(fitted, start, start)
 
-    def _step(self, frame: np.ndarray, start: float) -> StepResult:
+    def _filler(
+        self, fitted: np.ndarray, stamp: list[int] | None = None
+    ) -> Callable[[np.ndarray], None]:
+        """Normalize ``fitted`` straight into the runtime's input buffer; ``stamp[0]`` gets the
+        time it finished (for ``StepTimes``)."""
+
+        def fill(buffer: np.ndarray) -> None:
+            image.normalize(fitted, self._config.preprocess, out=buffer)
+            if stamp is not None:
+                stamp[0] = time.perf_counter_ns()
+
+        return fill
+
+    def _step(self, fitted: np.ndarray, start: int, fitted_at: int) -> StepResult:
+        normalized_at = [0]
         with self._step_lock:
             with self._state_lock:
                 h, c, generation, steps = self._h, self._c, self._generation, self._steps
                 if self._config.window:
-                    self._recent.append(frame.copy())  # the caller may reuse its buffer
+                    self._recent.append(fitted.copy())  # the caller may reuse its buffer
                     recent = list(self._recent)
             # Outside the state lock: a reset never waits for the model. Arrays are never
-            # written in place (run() returns new ones), so h and c stay as read.
+            # written in place (run_with() returns new ones), so h and c stay as read.
             if self._config.window:
-                # DonkeyCar's way: the last K frames again, from a zero state, every step.
+                # DonkeyCar's way: the last K frames again, from a zero state, every step (the
+                # oldest frame's normalization is the step's; the rest counts as model time).
                 h_run, c_run = self._zero_state()
-                for past in recent:
-                    probs, h_run, c_run = self._runtime.run(past[np.newaxis], h_run, c_run)
+                for i, past in enumerate(recent):
+                    fill = self._filler(past, normalized_at if i == 0 else None)
+                    probs, h_run, c_run = self._runtime.run_with(fill, h_run, c_run)
                 h_next, c_next = self._zero_state()  # nothing is carried to the next step
             else:
-                probs, h_next, c_next = self._runtime.run(frame[np.newaxis], h, c)
+                fill = self._filler(fitted, normalized_at)
+                probs, h_next, c_next = self._runtime.run_with(fill, h, c)
             with self._state_lock:
                 if self._generation == generation:
                     self._h, self._c = h_next, c_next
                     self._steps = steps + 1
-            elapsed_ms = (time.perf_counter() - start) * 1e3
+            end = time.perf_counter_ns()
             probs = np.asarray(probs, np.float32)
             action = self._selector.select(probs)
         return StepResult(
@@ -196,7 +234,12 @@ class Policy:
             action=action,
             action_name=self._names[action],
             step=steps + 1,
-            inference_ms=elapsed_ms,
+            inference_ms=(end - start) * 1e-6,
+            times=StepTimes(
+                fit_ms=(fitted_at - start) * 1e-6,
+                normalize_ms=(normalized_at[0] - fitted_at) * 1e-6,
+                model_ms=(end - normalized_at[0]) * 1e-6,
+            ),
         )
 
     def step_many(self, frames: Iterable[np.ndarray]) -> list[StepResult]:

@@ -226,6 +226,7 @@ class PolicyNode(Node):
         return self.get_clock().now().nanoseconds * 1e-9
 
     def _step_on(self, msg: Image | CompressedImage) -> None:
+        started = time.perf_counter_ns()  # per-stage times for /diagnostics (~1 us to take)
         clock = self.get_clock()
         now = self._now()
         if clock.ros_time_is_active:
@@ -254,7 +255,9 @@ class PolicyNode(Node):
             self.stats.count('skipped')  # normal when the camera is faster than dt: no log
             return
         try:
+            decode_started = time.perf_counter_ns()
             rgb = image.decode(msg, self.cfg.max_frame_pixels)
+            decoded = time.perf_counter_ns()
         except DecodeError as err:
             self.stats.count('malformed')
             self.get_logger().warning(
@@ -262,12 +265,12 @@ class PolicyNode(Node):
                 throttle_duration_sec=LOG_PERIOD,
             )
             return
-        decoded = self._now()
-        if self.gate.too_old(decision.time, decoded):
+        after_decode = self._now()
+        if self.gate.too_old(decision.time, after_decode):
             self.stats.count('late')
             self.get_logger().warning(
                 f'dropped a frame that went stale while decoding ({self.stats.counts["late"]} '
-                f'late so far): {decoded - decision.time:.3f} s old after decoding '
+                f'late so far): {after_decode - decision.time:.3f} s old after decoding '
                 f'(max_frame_age {self.cfg.max_frame_age} s)',
                 throttle_duration_sec=LOG_PERIOD,
             )
@@ -278,6 +281,7 @@ class PolicyNode(Node):
             self.policy.reset()
         epoch = self._take_epoch()
         result = self.policy.step(rgb)
+        stepped = time.perf_counter_ns()
         self.gate.stepped(decision.time)
         self.stats.step(result.inference_ms)
         linear_x, angular_z = twist_for(result.action, self._actions)
@@ -294,6 +298,15 @@ class PolicyNode(Node):
         out.inference_ms = result.inference_ms
         out.enabled = commanded
         self._output.publish(out)
+        done = time.perf_counter_ns()
+        self.stats.timed(
+            decode=(decoded - decode_started) * 1e-6,
+            fit=result.times.fit_ms,
+            normalize=result.times.normalize_ms,
+            model=result.times.model_ms,
+            publish=(done - stepped) * 1e-6,
+            callback=(done - started) * 1e-6,
+        )
 
     def _epoch_now(self) -> int:
         with self._cmd_lock:

@@ -43,7 +43,7 @@ class PolicyNodeConfig:
 
     bundle: str
     backend: str = 'litert'
-    num_threads: int = 2
+    num_threads: int = 0  # 0: auto, one per core, 1 to 4 (runtime_litert.auto_threads)
     compressed: bool = False
     selection: str = 'argmax'
     epsilon: float = 0.0
@@ -68,8 +68,8 @@ class PolicyNodeConfig:
                 f'backend must be one of {", ".join(BACKENDS)}, got {self.backend!r}'
             )
         if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int):
-            raise ConfigError(f'num_threads must be an integer >= 1, got {self.num_threads!r}')
-        in_range('num_threads', self.num_threads, 1, 64)
+            raise ConfigError(f'num_threads must be an integer >= 0, got {self.num_threads!r}')
+        in_range('num_threads', self.num_threads, 0, 64)
         self.selector()  # ActionSelector checks selection, epsilon and seed
         in_range('max_frame_age', self.max_frame_age, 0.0)
         check_max_pixels(self.max_frame_pixels)
@@ -117,7 +117,10 @@ PARAMETERS: dict[str, ParamSpec] = {
         f'runtime: {" | ".join(BACKENDS)} (litert on the robot: no TensorFlow in the process)',
     ),
     'num_threads': ParamSpec(
-        _DEFAULTS['num_threads'], 'threads of the LiteRT interpreter (XNNPACK)', 1, 64
+        _DEFAULTS['num_threads'],
+        'threads of the LiteRT interpreter (XNNPACK); 0 = auto: one per core, 1 to 4',
+        0,
+        64,
     ),
     'compressed': ParamSpec(
         _DEFAULTS['compressed'],

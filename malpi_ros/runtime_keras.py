@@ -6,6 +6,7 @@ For development machines and checks against training; the robot runs LiteRT. The
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class KerasStep:
             return out['probs'][0], out['h_next'], out['c_next']
 
         self._step = step
+        self._frame = np.zeros((1, *cfg.input_shape), np.float32)  # run_with's buffer
 
     @classmethod
     def from_file(cls, path: str | Path, cfg: ModelConfig) -> KerasStep:
@@ -54,3 +56,10 @@ class KerasStep:
             np.asarray(frame, np.float32), np.asarray(h, np.float32), np.asarray(c, np.float32)
         )
         return probs.numpy(), h_next.numpy(), c_next.numpy()
+
+    def run_with(
+        self, fill: Callable[[np.ndarray], object], h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As ``run``, with ``fill(buffer)`` writing the (H, W, C) frame into a reused buffer."""
+        fill(self._frame[0])
+        return self.run(self._frame, h, c)

@@ -9,6 +9,8 @@ shape, so neither tensor names nor shapes can tell them apart.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,23 @@ from ai_edge_litert.interpreter import Interpreter
 from malpi_ros.errors import BundleError, ConfigError
 
 SIGNATURE = 'serving_default'
+AUTO_THREADS = 0  # num_threads: derive from the cores (auto_threads)
 INPUTS = ('frame', 'h', 'c')
 OUTPUTS = ('probs', 'h_next', 'c_next')
+
+
+def auto_threads(cores: int | None = None) -> int:
+    """Interpreter threads for ``num_threads=0``: one per core, from 1 to 4.
+
+    The calling thread is one of them (XNNPACK's pool adds ``num_threads - 1`` workers). Seen on
+    a 2-core machine under load from other jobs (README, Benchmarks): 2 threads stepped faster
+    in the node than 1 (median 3.1 vs 3.6 ms over 3 runs each) with tails alike; a Pi's 4 cores
+    give 4. Capped at 4: more was not measured, and batch-1 work on this model splits into few
+    parts.
+    """
+    if cores is None:
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 class LiteRTStep:
@@ -30,12 +47,17 @@ class LiteRTStep:
 
     name = 'litert'
 
-    def __init__(self, path: str | Path, *, num_threads: int = 2) -> None:
+    def __init__(self, path: str | Path, *, num_threads: int = AUTO_THREADS) -> None:
         self.path = Path(path)
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ConfigError(f'num_threads must be an integer >= 1, got {num_threads!r}')
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
+            raise ConfigError(
+                f'num_threads must be an integer >= 0 (0 = auto), got {num_threads!r}'
+            )
+        self.num_threads = num_threads or auto_threads()
         try:
-            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+            self._interpreter = Interpreter(
+                model_path=str(self.path), num_threads=self.num_threads
+            )
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError, OSError) as err:
             raise BundleError(f'{self.path}: not a loadable LiteRT model: {err}') from err
@@ -104,12 +126,28 @@ class LiteRTStep:
         self, frame: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """frame (1, H, W, C), h and c (1, units) float32 -> probs (A,), h_next, c_next."""
+        self._interpreter.set_tensor(self._in['frame'], np.ascontiguousarray(frame, np.float32))
+        return self._invoke(h, c)
+
+    def run_with(
+        self, fill: Callable[[np.ndarray], object], h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As ``run``, but ``fill(buffer)`` writes the (H, W, C) float32 frame straight into the
+        interpreter's input tensor: no frame array allocated and copied per step."""
+        buffer = self._interpreter.tensor(self._in['frame'])()[0]
+        try:
+            fill(buffer)
+        finally:
+            del buffer  # invoke() refuses to run while a view of the tensors is alive
+        return self._invoke(h, c)
+
+    def _invoke(self, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         interp = self._interpreter
-        interp.set_tensor(self._in['frame'], np.ascontiguousarray(frame, np.float32))
         interp.set_tensor(self._in['h'], np.ascontiguousarray(h, np.float32))
         interp.set_tensor(self._in['c'], np.ascontiguousarray(c, np.float32))
         interp.invoke()
-        # get_tensor copies: the results stay valid after the next invoke().
+        # get_tensor copies: the results stay valid after the next invoke() (the state is
+        # 2 x 512 bytes; a view would be overwritten under the Policy's feet).
         return (
             interp.get_tensor(self._out['probs'])[0],
             interp.get_tensor(self._out['h_next']),

@@ -34,7 +34,7 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
         assert e.step_ms_median > 0 and 20 < e.peak_rss_mb < 1000
     lstm, _, window = entries
     assert lstm.held_bytes == held_bytes(0, 64, (30, 40, 3)) == 2 * 64 * 4
-    assert window.held_bytes == 2 * 30 * 40 * 3 * 4
+    assert window.held_bytes == 2 * 30 * 40 * 3  # two uint8 frames
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'long.cache',
         'long_bag',

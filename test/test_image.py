@@ -512,6 +512,96 @@ def test_stacked_frames_normalize_like_one_by_one(normalization):
             np.testing.assert_allclose(stacked[b, t], normalize(frames[b, t], cfg), atol=1e-6)
 
 
+def reference_normalize(frames: np.ndarray, normalization: str) -> np.ndarray:
+    """The formula as first written (numpy reductions over H, W in float64), kept as the
+    reference the fast ``normalize`` must reproduce."""
+    if normalization == 'unit':
+        return frames.astype(np.float32) / np.float32(255.0)
+    axes = (-3, -2)
+    centred = frames - frames.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = np.sqrt(np.mean(np.square(centred), axis=axes, keepdims=True))
+    centred /= np.maximum(std, 1.0 / np.sqrt(frames.shape[-3] * frames.shape[-2]))
+    return centred.astype(np.float32)
+
+
+def _assert_float32_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == np.float32 and got.shape == want.shape
+    # float32 tolerance: a few ulps of each value (outputs reach ~H*W^0.5 on near-constant
+    # frames, where the floor divides), and exact where the reference is exactly zero.
+    np.testing.assert_allclose(got, want, rtol=4e-7, atol=1e-7)
+    assert ((got == 0) == (want == 0)).all()
+
+
+FRAME_KINDS = {
+    'random': lambda rng, shape: rng.integers(0, 256, shape),
+    'low contrast': lambda rng, shape: rng.integers(120, 123, shape),
+    'constant (std 0)': lambda rng, shape: np.full(shape, 77),
+    'one pixel off (std below the floor)': lambda rng, shape: _one_off(shape),
+    'black and white': lambda rng, shape: rng.integers(0, 2, shape) * 255,
+}
+
+
+def _one_off(shape: tuple[int, ...]) -> np.ndarray:
+    frame = np.full(shape, 200)
+    frame[..., 0, 0, :] = 201
+    return frame
+
+
+@pytest.mark.parametrize('normalization', ['unit', 'standardize'])
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('kind', sorted(FRAME_KINDS))
+def test_fast_normalize_equals_the_reference_formula(normalization, channels, kind):
+    cfg = PreprocessConfig(height=30, width=40, channels=channels, normalization=normalization)
+    rng = np.random.default_rng(7)
+    for shape in [(30, 40, channels), (2, 3, 30, 40, channels)]:
+        frames = FRAME_KINDS[kind](rng, shape).astype(np.uint8)
+        want = reference_normalize(frames, normalization)
+        _assert_float32_close(normalize(frames, cfg), want)
+        if kind.startswith('constant') and normalization == 'standardize':
+            assert (normalize(frames, cfg) == 0).all()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frame=st.integers(1, 9).flatmap(
+        lambda h: st.integers(1, 9).flatmap(
+            lambda w: st.lists(st.integers(0, 255), min_size=h * w * 3, max_size=h * w * 3).map(
+                lambda v: np.array(v, np.uint8).reshape(h, w, 3)
+            )
+        )
+    ),
+    normalization=st.sampled_from(['unit', 'standardize']),
+)
+def test_fast_normalize_equals_the_reference_formula_on_any_frame(frame, normalization):
+    cfg = PreprocessConfig(
+        height=frame.shape[0], width=frame.shape[1], normalization=normalization
+    )
+    _assert_float32_close(normalize(frame, cfg), reference_normalize(frame, normalization))
+
+
+@pytest.mark.parametrize('normalization', ['unit', 'standardize'])
+def test_normalize_writes_into_out_and_returns_it(normalization):
+    cfg = PreprocessConfig(height=6, width=8, normalization=normalization)
+    frames = np.random.default_rng(3).integers(0, 256, (2, 6, 8, 3), dtype=np.uint8)
+    out = np.full(frames.shape, np.nan, np.float32)
+    assert normalize(frames, cfg, out=out) is out  # the runtime's input tensor: no new array
+    np.testing.assert_array_equal(out, normalize(frames, cfg))
+    one = np.empty((6, 8, 3), np.float32)
+    assert preprocess(random_rgb(12, 16), cfg, out=one) is one
+    np.testing.assert_array_equal(one, preprocess(random_rgb(12, 16), cfg))
+    for bad in (np.empty((6, 8, 3), np.float64), np.empty((2, 6, 8, 1), np.float32),
+                np.empty((2, 8, 6, 3), np.float32).transpose(0, 2, 1, 3)):  # fmt: skip
+        with pytest.raises(
+            DecodeError, match=r"out must be .* float32 array of the frames' shape"
+        ):
+            normalize(frames, cfg, out=bad)
+
+
+def test_normalize_takes_uint8_frames_only():
+    with pytest.raises(DecodeError, match='expected uint8 frames, got float32'):
+        normalize(np.zeros((4, 4, 3), np.float32), PreprocessConfig(height=4, width=4))
+
+
 def test_normalize_rejects_frames_with_the_wrong_channel_count():
     with pytest.raises(DecodeError, match=r'\(\.\.\., H, W, 1\)'):
         normalize(np.zeros((4, 4, 3), np.uint8), PreprocessConfig(height=4, width=4, channels=1))

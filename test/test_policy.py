@@ -24,7 +24,7 @@ from malpi_ros.actions import ActionSelector
 from malpi_ros.bundle import load_bundle
 from malpi_ros.errors import ConfigError
 from malpi_ros.policy import Policy, StepResult
-from malpi_ros.runtime_litert import LiteRTStep
+from malpi_ros.runtime_litert import LiteRTStep, auto_threads
 
 FRAMES = 40
 BACKENDS = ('litert', 'keras')
@@ -100,6 +100,58 @@ def test_selector_is_used(bundle_dir, frames):
     assert len(actions) > 1  # random actions, not always the argmax
     with pytest.raises(ConfigError, match="backend must be one of litert, keras, got 'tpu'"):
         Policy.from_bundle(bundle_dir, backend='tpu')
+
+
+def test_step_times_split_the_inference_time(bundle_dir, frames):
+    policy = Policy.from_bundle(bundle_dir)
+    for r in policy.step_many(frames[:5]):
+        t = r.times
+        assert t.fit_ms > 0 and t.normalize_ms > 0 and t.model_ms > 0
+        assert t.fit_ms + t.normalize_ms + t.model_ms <= r.inference_ms + 1e-3
+    cfg = policy.config.preprocess
+    fitted = policy.step_fitted(image.fit_frame(frames[0], cfg))
+    assert fitted.times.fit_ms == 0 and fitted.times.normalize_ms > 0
+
+
+def test_litert_run_with_fills_the_input_tensor_in_place_and_equals_run(bundle_dir, frames):
+    b = load_bundle(bundle_dir)
+    runtime = LiteRTStep(b.tflite_path, num_threads=1)
+    x = image.preprocess(frames[0], b.config.preprocess)
+    h = np.random.default_rng(0).random((1, runtime.units), dtype=np.float32)
+    c = -h
+    seen = []
+
+    def fill(buffer):
+        seen.append((buffer.shape, buffer.dtype, buffer.flags.writeable))
+        image.preprocess(frames[0], b.config.preprocess, out=buffer)
+
+    probs, h1, c1 = runtime.run_with(fill, h, c)
+    assert seen == [(runtime.frame_shape, np.float32, True)]
+    want = runtime.run(x[np.newaxis], h, c)
+    for got, expected in zip((probs, h1, c1), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    def bad(buffer):
+        raise ValueError('a frame that cannot be used')
+
+    with pytest.raises(ValueError, match='cannot be used'):
+        runtime.run_with(bad, h, c)
+    # The tensor view was released: the interpreter still runs (invoke() refuses otherwise).
+    np.testing.assert_array_equal(runtime.run(x[np.newaxis], h, c)[0], want[0])
+    # Results are copies: the next step does not change what the last one returned.
+    kept = probs.copy()
+    runtime.run_with(fill, h1, c1)
+    np.testing.assert_array_equal(probs, kept)
+
+
+def test_litert_threads_default_to_the_cores_less_one(bundle_dir):
+    # One per core (2 on this CI machine, 4 on a Pi), at most 4.
+    assert [auto_threads(n) for n in (1, 2, 4, 8, 64)] == [1, 2, 4, 4, 4]
+    b = load_bundle(bundle_dir)
+    assert LiteRTStep(b.tflite_path).num_threads == auto_threads()
+    assert LiteRTStep(b.tflite_path, num_threads=2).num_threads == 2
+    with pytest.raises(ConfigError, match=r'num_threads must be an integer >= 0 \(0 = auto\)'):
+        LiteRTStep(b.tflite_path, num_threads=-1)
 
 
 def _stateful_seed_model(sequence_model: keras.Model, cfg) -> keras.Model:
@@ -180,8 +232,8 @@ class ResetMidStep:
         self.units = runtime.units
         self.policy: Policy | None = None
 
-    def run(self, frame, h, c):
-        out = self.runtime.run(frame, h, c)
+    def run_with(self, fill, h, c):
+        out = self.runtime.run_with(fill, h, c)
         assert self.policy is not None
         self.policy.reset()
         return out

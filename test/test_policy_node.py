@@ -509,6 +509,12 @@ def test_diagnostics_report_rates_timings_and_identity(rig, bundle, frames):
         v['inference_ms_p50']
     )
     assert float(v['frame_age_ms_last']) >= 0
+    # Where a frame's time went, stage by stage; the callback holds the others.
+    stages = {
+        s: float(v[f'{s}_ms_p50']) for s in ('decode', 'fit', 'normalize', 'model', 'publish')
+    }
+    assert all(ms > 0 for ms in stages.values()), stages
+    assert float(v['callback_ms_p50']) >= stages['model']
     for key in ('input_rate_hz', 'steps_per_s', 'received', 'stepped', 'skipped', 'errors'):
         assert float(v[key]) >= 0, key
     assert int(v['stepped']) >= 3

@@ -17,7 +17,7 @@ from malpi_ros.frame_gate import (
     SilenceWatch,
     SimClockWatch,
 )
-from malpi_ros.node_stats import ERROR, OK, WARN, NodeStats
+from malpi_ros.node_stats import ERROR, OK, STAGES, WARN, NodeStats
 from malpi_ros.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
 
 T0 = 1_700_000_000.0  # a wall-clock stamp, as cameras give
@@ -214,7 +214,7 @@ def test_config_defaults_match_the_parameter_table_and_robot_yaml():
     [
         ({'bundle': ''}, 'parameter bundle is required'),
         ({'backend': 'onnx'}, "backend must be one of litert, keras, got 'onnx'"),
-        ({'num_threads': 0}, 'num_threads must be'),
+        ({'num_threads': -1}, 'num_threads must be'),
         ({'selection': 'greedy'}, "got 'greedy'"),
         ({'epsilon': 1.5}, 'epsilon must be'),
         ({'seed': -1}, 'seed must be'),
@@ -252,3 +252,17 @@ def test_config_selector_is_seeded_and_new_each_time():
     draws = [a.select(probs) for _ in range(30)]
     assert draws == [b.select(probs) for _ in range(30)]
     assert len(set(draws)) > 1  # it does sample
+
+
+def test_stats_report_the_median_of_each_stage_of_the_frame_path():
+    stats = NodeStats(window=10)
+    assert stats.report(0.0).value('model_ms_p50') == 'n/a'
+    for i in range(5):
+        stats.timed(decode=0.1, fit=0.2, normalize=0.3, model=1.0 + i, publish=0.5, callback=3.0)
+    report = stats.report(1.0)
+    assert [report.value(f'{s}_ms_p50') for s in STAGES] == [
+        '0.100', '0.200', '0.300', '3.000', '0.500', '3.000'
+    ]  # fmt: skip
+    assert report.value('callback_ms_p99') == '3.000'
+    with pytest.raises(ValueError, match=r"unknown stages \['resize'\]"):
+        stats.timed(resize=1.0)

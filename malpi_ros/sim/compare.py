@@ -14,7 +14,7 @@ and 10 by default) — and drive each ``laps`` laps in-process (``demo.drive_off
 step, act, no ROS), plus the LSTM with its state reset before every frame (no memory). The
 table: cued branch taken / forks, off-track events, the policy's compute per frame (median
 ``Policy.step``, measured in the same run), and what it holds between frames (the LSTM's
-state, or K preprocessed frames) with the peak RSS of a process that loads it and steps.
+state, or K fitted frames) with the peak RSS of a process that loads it and steps.
 
 Everything goes under ``OUT/<timestamp>/``: the bags, bundles, ``results.json``, ``table.txt``.
 No ROS: nothing here starts rclpy.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -84,12 +85,9 @@ class Entry:
 
 
 def held_bytes(window: int, units: int, frame_shape: Sequence[int]) -> int:
-    """Bytes a policy keeps between frames: (h, c) float32, or K float32 model inputs."""
+    """Bytes a policy keeps between frames: (h, c) float32, or K fitted uint8 frames."""
     if window:
-        size = 1
-        for n in frame_shape:
-            size *= n
-        return 4 * window * size
+        return window * math.prod(frame_shape)
     return 4 * 2 * units
 
 
