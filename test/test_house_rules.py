@@ -36,6 +36,7 @@ TF_MODULES = {
     'train.py',
     'pipeline.py',
     'sequence_runtime.py',
+    'carried_state.py',
 }
 
 

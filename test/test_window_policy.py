@@ -40,9 +40,9 @@ class Counting:
         self.runtime, self.calls = runtime, 0
         self.name, self.units = runtime.name, runtime.units
 
-    def run(self, frame, h, c):
+    def run_with(self, fill, h, c):
         self.calls += 1
-        return self.runtime.run(frame, h, c)
+        return self.runtime.run_with(fill, h, c)
 
 
 def frames(n: int, seed: int = 0) -> np.ndarray:
