@@ -227,8 +227,22 @@ class DatasetConfig:
 
     @property
     def window(self) -> int:
-        """Frames of one training window (``zero``), and the shortest usable episode."""
+        """Frames of one training window (``zero``)."""
         return self.burn_in + self.seq_len
+
+    @property
+    def min_frames(self) -> int:
+        """The shortest episode training can use: one window (``zero``), or one scored step
+        after the burn-in (``carried``)."""
+        return self.window if self.state == 'zero' else self.burn_in + 1
+
+    @property
+    def unit(self) -> str:
+        """What training cuts episodes into, for messages: 'windows of N frames' or 'chunks of
+        N frames'."""
+        if self.state == 'zero':
+            return f'windows of {self.window} frames'
+        return f'chunks of {self.seq_len} frames'
 
 
 @dataclass(frozen=True)

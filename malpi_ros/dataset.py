@@ -183,13 +183,14 @@ class Episode:
 
 
 def windows(episodes: Sequence[Episode], cfg: DatasetConfig) -> np.ndarray:
-    """int64 (num_windows, 2) of [episode index, first frame]: ``cfg.window`` frames each,
-    started every ``cfg.stride`` frames, all inside one episode. Episodes shorter than a
-    window give none (see ``short_episodes``)."""
+    """int64 (num_windows, 2) of [episode index, first frame], all inside one episode:
+    ``cfg.window`` frames each, started every ``cfg.stride`` frames (``state: zero``), or the
+    consecutive chunks of ``cfg.seq_len`` frames (``carried``; the last may be shorter).
+    Episodes shorter than ``cfg.min_frames`` give none (see ``short_episodes``)."""
     rows = [
         np.stack([np.full(len(starts), i), starts], axis=1)
         for i, ep in enumerate(episodes)
-        if len(starts := np.arange(0, len(ep) - cfg.window + 1, cfg.stride)) > 0
+        if len(starts := _starts(len(ep), cfg)) > 0
     ]
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
 
@@ -251,9 +252,22 @@ def chunk_plan(
     return plan
 
 
+def _starts(length: int, cfg: DatasetConfig) -> np.ndarray:
+    if length < cfg.min_frames:
+        return np.zeros(0, np.int64)
+    if cfg.state == 'zero':
+        return np.arange(0, length - cfg.window + 1, cfg.stride)
+    return np.arange(0, length, cfg.seq_len)
+
+
+def training_units(lengths: Sequence[int], cfg: DatasetConfig) -> int:
+    """How many windows or chunks (``cfg.unit``) episodes of these lengths give."""
+    return sum(len(_starts(n, cfg)) for n in lengths)
+
+
 def short_episodes(episodes: Sequence[Episode], cfg: DatasetConfig) -> int:
-    """How many episodes are too short for one window of ``cfg.window`` frames."""
-    return sum(1 for ep in episodes if len(ep) < cfg.window)
+    """How many episodes are too short to train on (``cfg.min_frames``)."""
+    return sum(1 for ep in episodes if len(ep) < cfg.min_frames)
 
 
 class Split(NamedTuple):
@@ -374,8 +388,8 @@ class Recordings:
             for name, count in zip(self.action_names, self.label_histogram, strict=True)
         )
         lines.append(
-            f'{len(self.episodes)} episodes, {self.frames} frames, {len(self.windows)} windows '
-            f'of {self.dataset.window} ({self.short_episodes} episodes too short); '
+            f'{len(self.episodes)} episodes, {self.frames} frames, {len(self.windows)} '
+            f'{self.dataset.unit} ({self.short_episodes} episodes too short); '
             f'labels: {hist}'
         )
         return '\n'.join(lines)
@@ -592,9 +606,10 @@ def load_recordings(
     if len(index) == 0:
         lengths = ', '.join(f'{ep.bag} #{ep.index}: {len(ep)}' for ep in episodes[:10])
         raise DatasetError(
-            f'no training window of {dataset_cfg.window} frames (burn_in {dataset_cfg.burn_in} '
-            f'+ seq_len {dataset_cfg.seq_len}) fits in any episode of '
-            f'{", ".join(str(b) for b in bags)}; episode lengths: {lengths or "none"}'
+            f'no episode of {", ".join(str(b) for b in bags)} is long enough to train on '
+            f'({dataset_cfg.min_frames} frames for {dataset_cfg.unit}, burn_in '
+            f'{dataset_cfg.burn_in}, state {dataset_cfg.state}); episode lengths: '
+            f'{lengths or "none"}'
         )
     _check_frame_rates(reports)
     histogram = np.zeros(len(table), np.int64)

@@ -84,9 +84,8 @@ class TrainResult:
 
 
 def _usable(episodes: Sequence[Episode], cfg: DatasetConfig) -> list[Episode]:
-    """Episodes with at least one window (``zero``) or one scored step (``carried``)."""
-    least = cfg.window if cfg.state == 'zero' else cfg.burn_in + 1
-    return [e for e in episodes if len(e) >= least]
+    """Episodes long enough to train on (``DatasetConfig.min_frames``)."""
+    return [e for e in episodes if len(e) >= cfg.min_frames]
 
 
 def prepare(
@@ -128,8 +127,9 @@ def prepare(
     unweighted = source(split.train, np.ones(num_actions, np.float32))
     if unweighted is None:
         raise DatasetError(
-            f'no training window of {cfg.window} frames left after holding out validation '
-            f'episodes ({split.note}); record longer drives or lower --val-fraction'
+            f'no training episode of {cfg.min_frames} frames ({cfg.unit}) left after holding '
+            f'out validation episodes ({split.note}); record longer drives or lower '
+            '--val-fraction'
         )
     weights = np.ones(num_actions, np.float32)
     if train_cfg.class_weighting:
@@ -139,7 +139,7 @@ def prepare(
     val_source = source(split.val, weights, pieces=False) if split.val else None
     if split.val and val_source is None:
         notes.append(
-            f'validation episodes are shorter than a window of {cfg.window} frames: '
+            f'validation episodes are shorter than {cfg.min_frames} frames ({cfg.unit}): '
             'training without validation'
         )
     return Prepared(recordings, split, train_source, val_source, weights, tuple(notes))

@@ -100,13 +100,13 @@ def _episodes(lengths, start=0.0):
 
 
 def test_windows_never_cross_an_episode_boundary():
-    cfg = DatasetConfig(seq_len=2, burn_in=1, stride=2)  # window of 3 frames
+    cfg = DatasetConfig(state='zero', seq_len=2, burn_in=1, stride=2)  # window of 3 frames
     episodes = _episodes([6, 3, 2])
     assert ds.windows(episodes, cfg).tolist() == [[0, 0], [0, 2], [1, 0]]
     assert ds.short_episodes(episodes, cfg) == 1
     rng = np.random.default_rng(0)
     lengths = rng.integers(0, 40, size=30).tolist()
-    cfg = DatasetConfig(seq_len=7, burn_in=3, stride=4)
+    cfg = DatasetConfig(state='zero', seq_len=7, burn_in=3, stride=4)
     episodes = _episodes(lengths)
     index = ds.windows(episodes, cfg)
     assert index.dtype == np.int64 and index.shape[1] == 2
@@ -157,7 +157,7 @@ def _drive_bag(tmp_path, name='drive', n=40, gap_after=None, **kwargs):
 @pytest.mark.parametrize('compressed', [False, True], ids=['raw', 'jpeg'])
 def test_load_recordings_labels_frames_and_episodes(tmp_path, compressed):
     path, drive = _drive_bag(tmp_path, gap_after=25, compressed=compressed, stamped=compressed)
-    cfg = DatasetConfig(burn_in=0, seq_len=5, stride=5)
+    cfg = DatasetConfig(state='zero', burn_in=0, seq_len=5, stride=5)
     rec = ds.load_recordings([path], SMALL, cfg, TABLE)
     assert [len(e) for e in rec.episodes] == [25, 15]
     np.testing.assert_array_equal(np.concatenate([e.labels for e in rec.episodes]), drive.labels)
@@ -326,8 +326,16 @@ def test_bad_bags_are_errors_that_name_bag_and_topic(tmp_path):
 
 def test_no_window_at_all_is_a_dataset_error(tmp_path):
     path, _ = _drive_bag(tmp_path, n=20, gap_after=10)
-    with pytest.raises(DatasetError, match=r'no training window of 15 frames.*: 10, .*: 10'):
-        ds.load_recordings([path], SMALL, DatasetConfig(seq_len=12, burn_in=3), TABLE)
+    windows = DatasetConfig(state='zero', seq_len=12, burn_in=3)
+    with pytest.raises(DatasetError, match=r'15 frames for windows of 15 frames.*: 10, .*: 10'):
+        ds.load_recordings([path], SMALL, windows, TABLE)
+    # With the state carried an episode needs one scored step after the burn-in.
+    assert (
+        len(ds.load_recordings([path], SMALL, DatasetConfig(seq_len=12, burn_in=9), TABLE).windows)
+        == 2
+    )
+    with pytest.raises(DatasetError, match=r'11 frames for chunks of 12 frames, burn_in 10'):
+        ds.load_recordings([path], SMALL, DatasetConfig(seq_len=12, burn_in=10), TABLE)
 
 
 def test_stale_stretches_are_dropped_and_split_the_episode(tmp_path):

@@ -50,7 +50,7 @@ def test_text_report_shows_topics_rates_gaps_images_and_labels(bag, drive, capsy
     hist = _expected_histogram(drive)
     for name, count in hist.items():
         assert f'{name} {count} (' in out
-    assert '2 episodes' in out and 'windows of 20 frames' in out
+    assert '2 episodes, 2 chunks of 32 frames' in out  # the state carried: one chunk each
 
 
 def test_json_report_is_one_document_with_the_label_histogram(bag, drive, capsys):
@@ -70,15 +70,15 @@ def test_json_report_is_one_document_with_the_label_histogram(bag, drive, capsys
     assert topics['/camera/image_raw']['max_gap_s'] == pytest.approx(3.1)
     labels = report['labels']
     assert labels['histogram'] == _expected_histogram(drive)
-    # 30 + 30 frames, windows of 10 + 10 burn-in every 5: 3 + 3
-    assert (labels['episodes'], labels['windows'], labels['stale']) == (2, 6, 0)
+    # 30 + 30 frames, chunks of 32 frames (the state carried): 1 + 1
+    assert (labels['episodes'], labels['windows'], labels['stale']) == (2, 2, 0)
     assert report['duration'] == pytest.approx(8.9 + 0.025, abs=0.01)
 
 
 def test_config_file_sets_the_labelling_rules(bag, tmp_path, capsys):
     config = tmp_path / 'train.yaml'
     config.write_text(
-        'dataset:\n  gap: 5.0\n  seq_len: 20\n  burn_in: 0\n  stride: 10\n'
+        'dataset:\n  gap: 5.0\n  state: zero\n  seq_len: 20\n  burn_in: 0\n  stride: 10\n'
         'actions:\n  dead_zone: 0.1\n'
         'train:\n  epochs: 3\n'
     )

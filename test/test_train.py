@@ -290,7 +290,7 @@ def test_bad_bags_fail_naming_bag_and_topic_and_write_nothing(tmp_path, capsys):
     _expect_failure(capsys, [all_nan], out, config, str(all_nan), 'topic /cmd_vel', 'NaN')
 
     short = write_bag(tmp_path / 'short', frames=drive.frames[:5], commands=drive.commands[:5])
-    _expect_failure(capsys, [short], out, config, 'no training window', str(short))
+    _expect_failure(capsys, [short], out, config, 'long enough to train on', str(short))
 
     good = write_bag(tmp_path / 'good', frames=drive.frames, commands=drive.commands)
     _expect_failure(capsys, [good, tmp_path / 'missing'], out, config, 'no such file')

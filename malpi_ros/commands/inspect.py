@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from malpi_ros import bags as bagio
-from malpi_ros.config import ActionTable, DatasetConfig, to_dict
+from malpi_ros.config import ActionTable, DatasetConfig, from_dict, to_dict
 from malpi_ros.config_file import build_configs, read_config_file
-from malpi_ros.dataset import align_labels, split_episodes
+from malpi_ros.dataset import align_labels, split_episodes, training_units
 from malpi_ros.errors import BagError, DatasetError, DecodeError
 
 SAMPLE_FRAMES = 5  # image messages decoded per bag to report sizes and encodings
@@ -162,8 +162,8 @@ def _label_report(
         stale=stats.stale,
         dropped=stats.dropped,
         episodes=len(episodes),
-        windows=sum(max(0, (n - dataset.window) // dataset.stride + 1) for n in lengths),
-        short_episodes=sum(1 for n in lengths if n < dataset.window),
+        windows=training_units(lengths, dataset),
+        short_episodes=sum(1 for n in lengths if n < dataset.min_frames),
     )
     return out
 
@@ -213,8 +213,8 @@ def format_text(report: dict[str, Any]) -> str:
             lines.append(
                 f'  {labels["stale"]} stale frames, {labels["dropped"]} dropped, '
                 f'{labels["nan_commands"]} NaN commands of {labels["commands"]}; '
-                f'{labels["episodes"]} episodes, {labels["windows"]} windows of '
-                f'{cfg["burn_in"] + cfg["seq_len"]} frames ({labels["short_episodes"]} episodes '
+                f'{labels["episodes"]} episodes, {labels["windows"]} '
+                f'{from_dict(DatasetConfig, cfg).unit} ({labels["short_episodes"]} episodes '
                 'too short)'
             )
     if report.get('error'):
