@@ -111,6 +111,8 @@ class Bag:
         if self.path.is_dir() and not (self.path / 'metadata.yaml').exists():
             storages = sorted(p.name for p in self.path.iterdir() if p.suffix in STORAGE_SUFFIXES)
             hint = f'; give one of its storage files instead: {storages}' if storages else ''
+            if storages or any(p.name.endswith('.open') for p in self.path.iterdir()):
+                hint += f'; if its recorder did not finish, `malpi-ros recover {self.name}`'
             raise BagError(f'bag {self.name}: not a rosbag2 directory (no metadata.yaml){hint}')
         if self.path.is_file() and _is_ros1_bag(self.path):
             raise BagError(
@@ -134,7 +136,12 @@ class Bag:
             reader = AnyReader([_reader_path(self.path)], default_typestore=default)
             reader.open()
         except _READ_ERRORS as err:
-            raise BagError(f'bag {self.name}: cannot open: {err}') from err
+            hint = (
+                f'; `malpi-ros recover {self.name}` rebuilds a cut or unfinished recording'
+                if self.path.is_dir()
+                else ''
+            )
+            raise BagError(f'bag {self.name}: cannot open: {err}{hint}') from err
         # Bags carry their message definitions; types a bag lacks (older sqlite3 bags) come
         # from the default store so they can still be deserialized. Only then: registering
         # the whole store costs ~50 ms per open.

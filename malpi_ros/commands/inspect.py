@@ -4,8 +4,9 @@ Summarize rosbag2 recordings before training on them: per bag, its topics with t
 rates and gaps (the largest, and how many are longer than the dataset's episode gap), the
 camera's frame sizes and encodings (from the first few frames), and the action histogram the
 training labels would have (commands aligned to frame times as training does, without decoding
-the images). Exits non-zero, naming the bag, when a bag is unreadable or lacks a camera or
-command topic.
+the images). Exits non-zero, naming the bag, when a bag is unreadable, lacks a camera or
+command topic, or has no camera frame that decodes; each error is printed once, on stderr. A
+bag its recorder did not finish: `malpi-ros recover BAG` first.
 
 --config reads the settings file `malpi-ros train` reads (malpi_ros.config_file); its
 ``dataset:`` and ``actions:`` sections set the labelling rules.
