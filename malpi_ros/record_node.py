@@ -295,8 +295,6 @@ class BagSink:
         max_duration: float | None = None,
         max_bytes: int | None = None,
     ) -> None:
-        if storage not in STORAGES:
-            raise ConfigError(f'storage must be one of {", ".join(STORAGES)}, got {storage!r}')
         self.path = Path(path)
         self.storage = storage
         if self.path.exists():

@@ -200,14 +200,7 @@ class SplitWriter:
     def _connect(self, topic: Topic) -> None:
         assert self._writer is not None
         try:
-            self._connections[topic.name] = self._writer.add_connection(
-                topic.name,
-                topic.msgtype,
-                msgdef=topic.msgdef,
-                rihs01=topic.rihs01,
-                serialization_format=topic.serialization_format,
-                offered_qos_profiles=list(topic.offered),
-            )
+            self._connections[topic.name] = _add_connection(self._writer, topic)
         except WriterError as err:
             raise BagError(f'bag {self.path}, topic {topic.name}: cannot add it: {err}') from err
         self._counts[topic.name] = 0
@@ -229,6 +222,17 @@ class SplitWriter:
         for name, count in self._counts.items():
             self.closed_counts[name] = self.closed_counts.get(name, 0) + count
         self._index += 1
+
+
+def _add_connection(writer: Writer, topic: Topic) -> Any:
+    return writer.add_connection(
+        topic.name,
+        topic.msgtype,
+        msgdef=topic.msgdef,
+        rihs01=topic.rihs01,
+        serialization_format=topic.serialization_format,
+        offered_qos_profiles=list(topic.offered),
+    )
 
 
 # -- metadata.yaml: the list of closed files ---------------------------------------------------
@@ -424,14 +428,7 @@ def _rebuild(bag: Path, source: Path) -> Recovered:
             writer.open()
             connections: dict[str, Any] = {}
             for topic in read.topics.values():
-                connections[topic.name] = writer.add_connection(
-                    topic.name,
-                    topic.msgtype,
-                    msgdef=topic.msgdef,
-                    rihs01=topic.rihs01,
-                    serialization_format=topic.serialization_format,
-                    offered_qos_profiles=list(topic.offered),
-                )
+                connections[topic.name] = _add_connection(writer, topic)
             for name, t_ns, data in read.messages:
                 writer.write(connections[name], t_ns, data)
                 count += 1
