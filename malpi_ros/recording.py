@@ -217,7 +217,11 @@ class SplitWriter:
             self.unfinished = str(directory.relative_to(self.path))
             raise BagError(f'bag {self.path}: cannot finish {directory.name}: {err}') from err
         final = self.path / f'{self._split_name()}{SUFFIXES[self.storage]}'
-        _adopt_split(directory, final, self.path)
+        try:
+            _adopt_split(directory, final, self.path)
+        except OSError as err:  # e.g. no room for the new metadata.yaml: the file is unlisted
+            self.unfinished = final.name if final.exists() else directory.name
+            raise BagError(f'bag {self.path}: cannot list {final.name}: {err}') from err
         self.closed_files.append(final.name)
         for name, count in self._counts.items():
             self.closed_counts[name] = self.closed_counts.get(name, 0) + count
