@@ -48,6 +48,7 @@ from rosbags.interfaces import Qos
 from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
 from rosbags.rosbag2.metadata import parse_qos
 from rosbags.typesys import Stores, TypesysError, get_types_from_msg, get_typestore
+from zstandard import ZstdError
 
 from malpi_ros import diskspace
 from malpi_ros.errors import BagError, ConfigError
@@ -61,7 +62,16 @@ FLUSH_PERIOD = 1.0  # s between flushes of the open file: what a crash may lose
 MESSAGE_OVERHEAD = 32  # bytes a message costs besides its data (record header, index)
 
 # What reading a damaged storage file can raise, past its last good record.
-_BROKEN = (McapError, EOFError, struct.error, ValueError, KeyError, OSError, RuntimeError)
+_BROKEN = (
+    McapError,
+    EOFError,
+    struct.error,
+    ValueError,
+    KeyError,
+    OSError,
+    RuntimeError,  # lz4
+    ZstdError,
+)
 
 
 @dataclass(frozen=True)
