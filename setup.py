@@ -18,6 +18,7 @@ setup(
         'numpy>=1.24',
         'opencv-python-headless>=4.8',
         'rosbags>=0.10',
+        'mcap>=1.1',
         'ai-edge-litert>=2.0',
         'pyyaml>=6',
     ],

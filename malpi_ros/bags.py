@@ -111,7 +111,15 @@ class Bag:
         if self.path.is_dir() and not (self.path / 'metadata.yaml').exists():
             storages = sorted(p.name for p in self.path.iterdir() if p.suffix in STORAGE_SUFFIXES)
             hint = f'; give one of its storage files instead: {storages}' if storages else ''
+            if storages or any(p.name.endswith('.open') for p in self.path.iterdir()):
+                hint += f'; if its recorder did not finish, `malpi-ros recover {self.name}`'
             raise BagError(f'bag {self.name}: not a rosbag2 directory (no metadata.yaml){hint}')
+        if self.path.is_file() and _is_ros1_bag(self.path):
+            raise BagError(
+                f'bag {self.name}: a ROS 1 bag; malpi_ros reads rosbag2 (ROS 2) recordings: '
+                f'convert it with `rosbags-convert --src {self.name} --dst '
+                f'{self.path.with_suffix("")}` (installed with rosbags)'
+            )
         if self.path.is_file() and self.path.suffix not in STORAGE_SUFFIXES:
             raise BagError(
                 f'bag {self.name}: unknown storage {self.path.suffix!r}; expected a rosbag2 '
@@ -125,10 +133,15 @@ class Bag:
     def open(self) -> Bag:
         default = _typestore()
         try:
-            reader = AnyReader([self.path], default_typestore=default)
+            reader = AnyReader([_reader_path(self.path)], default_typestore=default)
             reader.open()
         except _READ_ERRORS as err:
-            raise BagError(f'bag {self.name}: cannot open: {err}') from err
+            hint = (
+                f'; `malpi-ros recover {self.name}` rebuilds a cut or unfinished recording'
+                if self.path.is_dir()
+                else ''
+            )
+            raise BagError(f'bag {self.name}: cannot open: {err}{hint}') from err
         # Bags carry their message definitions; types a bag lacks (older sqlite3 bags) come
         # from the default store so they can still be deserialized. Only then: registering
         # the whole store costs ~50 ms per open.
@@ -238,6 +251,31 @@ class Bag:
             if stamp == 'header':
                 t = header_stamp(msg) or t
             yield t, msg
+
+
+ROS1_MAGIC = b'#ROSBAG V'
+
+
+def _is_ros1_bag(path: Path) -> bool:
+    """A ROS 1 bag file: by its magic line (a rosbag2 storage file never starts with it)."""
+    try:
+        with path.open('rb') as stream:
+            return stream.read(len(ROS1_MAGIC)) == ROS1_MAGIC
+    except OSError:
+        return False
+
+
+class _Rosbag2Directory(type(Path())):  # type: ignore[misc]
+    """A rosbag2 directory named ``*.bag``: ``AnyReader`` takes any ``.bag`` path for ROS 1
+    (by suffix alone), so the directory itself reports no suffix; its files keep theirs."""
+
+    @property
+    def suffix(self) -> str:
+        return '' if self.is_dir() else super().suffix
+
+
+def _reader_path(path: Path) -> Path:
+    return _Rosbag2Directory(path) if path.suffix == '.bag' and path.is_dir() else path
 
 
 def open_bag(path: str | Path) -> Bag:
@@ -423,9 +461,9 @@ def _pick(
         if not candidates:
             raise BagError(f'bag {name}: no {what} topic ({kinds}); it has: {has}')
         if len(candidates) > 1:
+            listing = ', '.join(f'{n}: {t} ({c})' for n, t, c in candidates)
             raise BagError(
-                f'bag {name}: several {what} topics ({", ".join(i[0] for i in candidates)}); '
-                f'choose one with {flag}; it has: {has}'
+                f'bag {name}: several {what} topics ({listing}); choose one with {flag}'
             )
         chosen = candidates[0]
     if chosen[2] == 0:

@@ -14,7 +14,9 @@ it to write the model files; that part lives in ``export.py`` and is imported on
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -37,6 +39,8 @@ METADATA_FILE = 'metadata.json'
 KERAS_FILE = 'model.keras'
 TFLITE_FILE = 'step.tflite'
 MODEL_FILES = (KERAS_FILE, TFLITE_FILE)
+CHECKSUM_FIELD = 'metadata_sha256'  # sha256 of metadata.json's own content, this field left out
+MAX_METADATA_BYTES = 16 << 20  # a metadata.json is a few KB; refuse to parse a huge one
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,13 @@ def save_bundle(
     from malpi_ros import export  # TensorFlow: only when writing
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex[:12]}'
+    recover_leftovers(path)
+    tmp = _leftover_name(path, 'tmp')
     tmp.mkdir()
     try:
+        _checkpoint('created')
         parts = export.write_model_files(tmp, sequence_model, config)
+        _checkpoint('model-files')
         metadata['versions'] = {
             'malpi_ros': malpi_ros.__version__,
             'python': sys.version.split()[0],
@@ -130,15 +137,32 @@ def save_bundle(
         metadata['tflite_io'] = parts['tflite_io']
         for name, source in copies.items():
             shutil.copyfile(source, tmp / name)
+        _checkpoint('extra-files')
         metadata['files'] = {name: _file_entry(tmp / name) for name in MODEL_FILES}
         metadata['extra_files'] = {name: _file_entry(tmp / name) for name in copies}
+        metadata[CHECKSUM_FIELD] = metadata_digest(metadata)
         _check_metadata(tmp / METADATA_FILE, metadata)  # what we write, we can load
         _write_json(tmp / METADATA_FILE, metadata)
+        _fsync_tree(tmp)
+        _checkpoint('metadata')
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def metadata_digest(metadata: Mapping[str, Any]) -> str:
+    """sha256 of the metadata as canonical JSON (sorted keys, no spaces), its own field left
+    out: an edited ``dt`` or action table no longer loads silently. Not a signature: anyone
+    who edits the file can recompute it (README "Reliability")."""
+    body = {key: value for key, value in metadata.items() if key != CHECKSUM_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(',', ':'), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checkpoint(step: str) -> None:
+    """A named step of ``save_bundle``; tests replace this to fail (or look) at each step."""
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -185,53 +209,172 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace ``path`` by ``tmp``: old aside, new in, old deleted (restored if the swap fails).
+# -- the swap: at every instant ``path`` names a complete bundle, the old one or the new one --
 
-    A directory cannot be replaced in one rename; between the two renames ``path`` is briefly
-    absent, never half-written.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_LEFTOVER_KINDS = ('tmp', 'old')
+
+
+def _leftover_name(path: Path, kind: str) -> Path:
+    """``.NAME.tmp-PID-HEX`` beside ``path``: the pid tells a crashed save from a running one."""
+    return path.parent / f'.{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}'
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``, glibc >= 2.28).
+
+    False where the call or the filesystem does not support it; the caller falls back.
     """
-    old = None
-    if path.exists():
-        old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:12]}'
-        path.rename(old)
     try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f'cannot swap {a} and {b}: {os.strerror(code)}')
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by ``tmp``; the old bundle, swapped out to ``tmp``'s name, is deleted.
+
+    With ``renameat2(RENAME_EXCHANGE)`` the two directories trade places in one step, so
+    ``path`` is never absent. Without it (not Linux, or a filesystem that lacks it), the old
+    bundle is renamed aside first and ``path`` is absent between two renames; a crash there is
+    repaired by ``recover_leftovers`` on the next load or save.
+    """
+    if not path.exists():
         tmp.rename(path)
-    except BaseException:
-        if old is not None:
+    elif _exchange(tmp, path):
+        _checkpoint('swapped')
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        old = _leftover_name(path, 'old')
+        path.rename(old)
+        _checkpoint('old-aside')
+        try:
+            tmp.rename(path)
+        except BaseException:
             old.rename(path)
-        raise
-    if old is not None:
+            raise
+        _checkpoint('swapped')
         shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):  # make the renames durable where the OS allows it
-        fd = os.open(path.parent, os.O_RDONLY)
+    _checkpoint('cleaned')
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # make renames durable where the OS allows it
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+def _fsync_tree(directory: Path) -> None:
+    """Every file of the new bundle on disk before it is swapped in (a power cut after the
+    swap must not leave a bundle of empty files)."""
+    for file in directory.iterdir():
+        with contextlib.suppress(OSError), file.open('rb') as stream:
+            os.fsync(stream.fileno())
+    _fsync_dir(directory)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not saving this bundle now: a leftover of ours is stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(path: Path) -> list[tuple[str, Path]]:
+    """(kind, directory) of what crashed saves of ``path`` left beside it; a running save's
+    temp directory (its pid is alive) is not one."""
+    found = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    for kind in _LEFTOVER_KINDS:
+        prefix = f'.{path.name}.{kind}-'
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            tag = entry.name[len(prefix) :]
+            pid = tag.split('-')[0] if '-' in tag else ''
+            if entry.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+                found.append((kind, entry))
+    return sorted(found, key=lambda item: item[1].name)
+
+
+def _complete(directory: Path) -> bool:
+    try:
+        load_bundle(directory, verify=True, recover=False)
+    except BundleError:
+        return False
+    return True
+
+
+def recover_leftovers(path: str | Path) -> list[str]:
+    """Repair and clean what a crashed save of ``path`` left; returns what was done.
+
+    If ``path`` is missing (a crash between the fallback's two renames), the newest complete
+    bundle left beside it — the new one if it was finished, else the old one — is moved back
+    to ``path``. Every other leftover is deleted.
+    """
+    path = Path(path)
+    done = []
+    leftovers = _leftovers(path)
+    if not path.exists():
+        complete = [d for kind, d in leftovers if _complete(d)]
+        # A finished new bundle beats the old one it was replacing.
+        complete.sort(key=lambda d: (d.name.startswith(f'.{path.name}.tmp-'), d.stat().st_mtime))
+        if complete:
+            complete[-1].rename(path)
+            done.append(f'restored {path} from {complete[-1].name}')
+    for _, directory in leftovers:
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            done.append(f'removed {directory.name}')
+    return done
+
+
+def load_bundle(path: str | Path, *, verify: bool = True, recover: bool = True) -> Bundle:
     """Load and check a bundle directory; ``BundleError`` naming file and field if it is bad.
 
     ``verify`` checks the model files' sha256 against the metadata (catches truncated or
-    replaced files; ~0.1 s for the default model).
+    replaced files; ~0.1 s for the default model). ``recover``: a bundle missing at ``path``
+    after a crashed save is first restored from what the save left (``recover_leftovers``).
     """
     path = Path(path)
+    if recover and not path.exists() and _leftovers(path):
+        recover_leftovers(path)
     if not path.is_dir():
         raise BundleError(f'{path}: no bundle directory there')
     meta_path = path / METADATA_FILE
+    metadata = _read_metadata(meta_path)
     try:
-        text = meta_path.read_text()
-    except FileNotFoundError as err:
-        raise BundleError(f'{meta_path}: missing; not a model bundle') from err
-    except OSError as err:
-        raise BundleError(f'{meta_path}: cannot read: {err}') from err
-    try:
-        metadata = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BundleError(f'{meta_path}: invalid JSON: {err}') from err
-    config = _check_metadata(meta_path, metadata)
+        config = _check_metadata(meta_path, metadata)
+        digest = metadata_digest(metadata)
+    except (RecursionError, ValueError) as err:
+        raise BundleError(f'{meta_path}: cannot check its content: {err}') from err
+    if metadata[CHECKSUM_FIELD] != digest:
+        raise BundleError(
+            f'{meta_path}: field {CHECKSUM_FIELD}: does not match the content (edited or '
+            'corrupted after it was saved)'
+        )
     for name in MODEL_FILES:
         file = path / name
         expected = metadata['files'][name]
@@ -259,6 +402,31 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     )
 
 
+def _read_metadata(meta_path: Path) -> Any:
+    """metadata.json parsed; every way it can be unreadable is one BundleError naming it."""
+    try:
+        with meta_path.open('rb') as stream:
+            data = stream.read(MAX_METADATA_BYTES + 1)
+    except FileNotFoundError as err:
+        raise BundleError(f'{meta_path}: missing; not a model bundle') from err
+    except OSError as err:
+        raise BundleError(f'{meta_path}: cannot read: {err}') from err
+    if len(data) > MAX_METADATA_BYTES:
+        raise BundleError(f'{meta_path}: larger than {MAX_METADATA_BYTES} bytes; not metadata')
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as err:
+        raise BundleError(
+            f'{meta_path}: not UTF-8 text ({err.reason} at byte {err.start})'
+        ) from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BundleError(f'{meta_path}: invalid JSON: {err}') from err
+    except RecursionError as err:
+        raise BundleError(f'{meta_path}: JSON nested too deeply to be metadata') from err
+
+
 # field -> the JSON types it may have
 _FIELDS: dict[str, tuple[type, ...]] = {
     'format': (str,),
@@ -275,6 +443,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     'files': (dict,),
     'extra_files': (dict,),
     'tflite_io': (dict,),
+    CHECKSUM_FIELD: (str,),
 }
 
 

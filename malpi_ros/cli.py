@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'train': ('train', 'train a conv+LSTM bundle from recordings of a person driving'),
     'evaluate': ('evaluate', 'run the robot runtime frame by frame over recordings and score it'),
     'record': ('record', 'record topics into a rosbag2 (mcap) bag, for machines without ros2'),
+    'recover': ('recover', 'rebuild a recording its recorder did not finish (crash, full disk)'),
     'play': ('play', 'publish a rosbag2 recording with its original timing'),
     'replay-eval': ('replay_eval', 'play a recording through policy_node and score what it did'),
     'motors-off': ('motors_off', 'zero and release the Motor HAT (after the driver died)'),

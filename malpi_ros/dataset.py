@@ -29,9 +29,10 @@ from typing import NamedTuple
 import numpy as np
 
 from malpi_ros import bags as bagio
+from malpi_ros import diskspace
 from malpi_ros.actions import labels_for
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig, to_dict
-from malpi_ros.errors import BagError, DatasetError, DecodeError
+from malpi_ros.errors import BagError, DatasetError, DecodeError, StorageError
 from malpi_ros.image import decode, fit_frame
 
 CACHE_VERSION = 1  # bump when what the cache holds, or how frames are made, changes
@@ -410,9 +411,7 @@ class _FrameSink:
     def _allocate(self, capacity: int) -> np.ndarray:
         if self.path is None:
             return np.empty((capacity, *self.shape), np.uint8)
-        return np.lib.format.open_memmap(
-            self.path, mode='w+', dtype=np.uint8, shape=(capacity, *self.shape)
-        )
+        return _open_cache_file(self.path, (capacity, *self.shape))
 
     def append(self, frame: np.ndarray) -> None:
         if self.count == len(self.array):
@@ -422,11 +421,14 @@ class _FrameSink:
                 self.array[: len(old)] = old
             else:
                 grown = self.path.with_suffix(f'.{os.getpid()}.grow.npy')
-                new = np.lib.format.open_memmap(
-                    grown, mode='w+', dtype=np.uint8, shape=(2 * len(old), *self.shape)
-                )
-                new[: len(old)] = old
-                new.flush()
+                try:
+                    new = _open_cache_file(grown, (2 * len(old), *self.shape))
+                    new[: len(old)] = old
+                    new.flush()
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        grown.unlink()
+                    raise
                 del old
                 grown.replace(self.path)
                 self.array = np.load(self.path, mmap_mode='r+')
@@ -437,6 +439,51 @@ class _FrameSink:
         if isinstance(self.array, np.memmap):
             self.array.flush()
         return self.array
+
+
+def _open_cache_file(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A new memmapped uint8 .npy with every block reserved (no SIGBUS on a full disk)."""
+    array = np.lib.format.open_memmap(path, mode='w+', dtype=np.uint8, shape=shape)
+    diskspace.preallocate(path)
+    return array
+
+
+def cache_bytes(
+    bags: Sequence[str | Path],
+    cfg: PreprocessConfig,
+    image_topic: str | None,
+    cmd_topic: str | None,
+    cache_dir: Path,
+) -> int:
+    """Bytes the frame cache will write for ``bags``: frames (from each bag's index) x H x W x C,
+    for every bag without a complete cache entry already."""
+    total = 0
+    frame = cfg.height * cfg.width * cfg.channels
+    for path in bags:
+        with bagio.open_bag(path) as bag:
+            topics = bagio.find_topics(bag, image_topic, cmd_topic)
+            frames_path, meta_path = _cache_paths(
+                cache_dir, Path(path), _cache_key(_bag_sha(Path(path)), topics, cfg)
+            )
+            if not (frames_path.exists() and meta_path.exists()):
+                total += bag.topics[topics.image_topic][1] * frame
+    return total
+
+
+_SHA_MEMO: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def _bag_sha(path: Path) -> str:
+    """``bags.sha256_of_bag``, remembered per file sizes and times: the room check and the
+    read both need it, and hashing a large bag twice costs seconds."""
+    files = bagio.storage_files(path)
+    key = (
+        str(path.resolve()),
+        tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+    )
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = bagio.sha256_of_bag(path)
+    return _SHA_MEMO[key]
 
 
 def _cache_key(sha: str, topics: bagio.Topics, cfg: PreprocessConfig) -> str:
@@ -518,16 +565,21 @@ def _save_meta(path: Path, read: _Read) -> None:
         'malformed': read.malformed,
         'reasons': [list(r) for r in read.reasons],
     }
-    with tmp.open('wb') as stream:
-        np.savez(
-            stream,
-            frame_t=read.frame_t,
-            header_t=read.header_t,
-            cmd_t=read.cmd_t,
-            cmd_lin=read.cmd_lin,
-            cmd_ang=read.cmd_ang,
-            info=np.array(json.dumps(info)),
-        )
+    try:
+        with tmp.open('wb') as stream:
+            np.savez(
+                stream,
+                frame_t=read.frame_t,
+                header_t=read.header_t,
+                cmd_t=read.cmd_t,
+                cmd_lin=read.cmd_lin,
+                cmd_ang=read.cmd_ang,
+                info=np.array(json.dumps(info)),
+            )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     tmp.replace(path)  # the meta file appears last and whole: it marks a complete entry
 
 
@@ -589,18 +641,25 @@ def load_recordings(
     if not bags:
         raise DatasetError('no bags given')
     cache = Path(cache_dir) if cache_dir is not None else None
+    made = cache is not None and not cache.exists()
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     episodes: list[Episode] = []
     reports: list[BagReport] = []
     all_periods: list[np.ndarray] = []
-    for bag_path in bags:
-        report, bag_episodes, periods = _load_one(
-            Path(bag_path), preprocess_cfg, dataset_cfg, table, image_topic, cmd_topic, cache
-        )
-        reports.append(report)
-        episodes += bag_episodes
-        all_periods.append(periods)
+    try:
+        for bag_path in bags:
+            report, bag_episodes, periods = _load_one(
+                Path(bag_path), preprocess_cfg, dataset_cfg, table, image_topic, cmd_topic, cache
+            )
+            reports.append(report)
+            episodes += bag_episodes
+            all_periods.append(periods)
+    except BaseException:
+        if made and cache is not None:
+            with contextlib.suppress(OSError):
+                cache.rmdir()  # only when empty: complete entries of earlier bags stay
+        raise
     short = short_episodes(episodes, dataset_cfg)
     index = windows(episodes, dataset_cfg)
     if len(index) == 0:
@@ -657,7 +716,7 @@ def _load_one(
     cache: Path | None,
 ) -> tuple[BagReport, list[Episode], np.ndarray]:
     name = str(path)
-    sha = bagio.sha256_of_bag(path)
+    sha = _bag_sha(path)
     with bagio.open_bag(path) as bag:
         topics = bagio.find_topics(bag, image_topic, cmd_topic)
         read = None
@@ -676,14 +735,22 @@ def _load_one(
             )
             try:
                 read = _read_bag(bag, topics, preprocess_cfg, tmp)
-            except BaseException:
+                if tmp is not None and frames_path is not None and meta_path is not None:
+                    tmp.replace(frames_path)
+                    _save_meta(meta_path, read)
+            except BaseException as err:
                 if tmp is not None:
                     with contextlib.suppress(OSError):
                         tmp.unlink()
+                if frames_path is not None and meta_path is not None and not meta_path.exists():
+                    with contextlib.suppress(OSError):
+                        frames_path.unlink()  # frames without their meta file are no entry
+                if isinstance(err, OSError) and diskspace.out_of_room(err):
+                    raise StorageError(
+                        f'frame cache {cache}: no room for the frames of {name}: {err}'
+                    ) from err
                 raise
             if tmp is not None and frames_path is not None and meta_path is not None:
-                tmp.replace(frames_path)
-                _save_meta(meta_path, read)
                 # Episodes get a read-only mapping: nothing downstream can write into the cache.
                 read = read._replace(frames=np.load(frames_path, mmap_mode='r'))
     if read.malformed and len(read.frame_t) == 0:

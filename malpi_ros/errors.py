@@ -33,3 +33,7 @@ class DatasetError(MalpiError):
 
 class MotorError(MalpiError):
     """The motor backend failed; the driver stops the motors when it sees one."""
+
+
+class StorageError(MalpiError):
+    """The disk has no room (or a write failed) for a bag, cache or bundle; names the path."""

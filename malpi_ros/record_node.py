@@ -19,6 +19,11 @@ writes, so either tool reads the other's bags:
   when every publisher is; deep history so a burst is not dropped before it is written.
 - Receive times come from the node's clock (``use_sim_time`` is honoured).
 - SIGINT, SIGTERM or ``duration`` stop it; the bag is closed in every case, so it stays valid.
+- The bag survives its recorder (``malpi_ros.recording``): storage files split by duration or
+  size, the open one flushed about every second, ``metadata.yaml`` listing every closed file.
+  A crash loses at most what the open file received since its last flush, and ``malpi-ros
+  recover`` rebuilds that file. The first write error (a full disk) stops the recording; the
+  summary says so in one line and counts only what the bag's listed files hold.
 
 ``Recorder`` runs the node in a thread of its own (its own ``rclpy.Context``), for tools that
 record while they do something else (replay-eval); ``record(...)`` is the blocking command.
@@ -59,17 +64,17 @@ from rosbags.interfaces import (
     QosReliability,
     QosTime,
 )
-from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
+from rosbags.rosbag2 import WriterError
 from rosbags.typesys import Stores, TypesysError, get_types_from_msg, get_typestore
 from rosbags.typesys.base import Nodetype
 
+from malpi_ros import diskspace
 from malpi_ros.errors import BagError, ConfigError
+from malpi_ros.recording import FLUSH_PERIOD, STORAGES, SplitWriter, Topic
 from malpi_ros.signals import stop_on_signals
 
 NODE_NAME = 'record_node'
-STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 DEPTH = 100  # subscription history: room for a burst while the writer is busy
-ERROR_LOG_PERIOD = 2.0  # s between repeated write-error logs
 _INFINITE_NS = 2**63 - 1  # rmw's "infinite" duration
 _INFINITE_QOS_TIME = QosTime(2147483647, 4294967295)  # how rosbag2 writes it
 
@@ -239,8 +244,9 @@ class RecordSummary:
     duration: float  # s from start to stop
     topics: tuple[TopicRecord, ...]
     missing: tuple[str, ...]  # asked for, never seen on the graph
-    write_errors: int
+    write_errors: int  # messages not recorded after the recording failed
     error: str = ''  # why the recording stopped early, if it did
+    unfinished: str = ''  # the last file, when it could not be finished (recover rebuilds it)
 
     @property
     def messages(self) -> int:
@@ -256,38 +262,52 @@ class RecordSummary:
             lines.append(f'  {t.topic}: {t.msgtype} x{t.count} ({t.qos}){note}')
         for topic in self.missing:
             lines.append(f'  {topic}: never published while recording (not in the bag)')
-        if self.write_errors:
-            lines.append(f'  {self.write_errors} messages could not be written')
-        if self.error:
-            lines.append(f'  recording stopped early: {self.error}')
+        if self.error:  # one line: why, what was lost, what to do
+            lost = (
+                f'; {self.write_errors} later messages not recorded' if self.write_errors else ''
+            )
+            rest = (
+                f'; {self.unfinished} is unfinished: `malpi-ros recover {self.path}` rebuilds '
+                'it once there is room'
+                if self.unfinished
+                else ''
+            )
+            lines.append(
+                f'  recording stopped early: {self.error}{lost}; the bag holds what is listed '
+                f'above{rest}'
+            )
         return '\n'.join(lines)
 
 
 class BagSink:
-    """A rosbags Writer that takes CDR bytes per topic; closed exactly once.
+    """Where the node's messages go: a ``recording.SplitWriter`` (split, flushed as it goes),
+    plus what was written per topic. Closed exactly once.
 
     One thread opens, writes and closes it (the executor's thread in ``Recorder``): the
     sqlite3 storage refuses a connection used from another thread than the one that made it.
     """
 
-    def __init__(self, path: str | Path, storage: str = 'mcap') -> None:
-        if storage not in STORAGES:
-            raise ConfigError(f'storage must be one of {", ".join(STORAGES)}, got {storage!r}')
+    def __init__(
+        self,
+        path: str | Path,
+        storage: str = 'mcap',
+        *,
+        max_duration: float | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.path = Path(path)
         self.storage = storage
         if self.path.exists():
             raise BagError(f'output bag {self.path} exists already; not overwriting it')
-        self._writer = Writer(self.path, version=9, storage_plugin=STORAGES[storage])
-        self._connections: dict[str, Any] = {}
+        self._writer = SplitWriter(
+            self.path, storage, max_duration=max_duration, max_bytes=max_bytes
+        )
         self.records: dict[str, dict[str, Any]] = {}
         self.opened = False
         self.closed = False
 
     def open(self) -> None:
-        try:
-            self._writer.open()
-        except (WriterError, OSError) as err:
-            raise BagError(f'cannot create bag {self.path}: {err}') from err
+        self._writer.open()
         self.opened = True
 
     def add_topic(
@@ -300,17 +320,7 @@ class BagSink:
         qos: str,
         note: str = '',
     ) -> None:
-        try:
-            self._connections[topic] = self._writer.add_connection(
-                topic,
-                msgtype,
-                msgdef=msgdef,
-                rihs01=rihs01,
-                serialization_format='cdr',
-                offered_qos_profiles=list(offered),
-            )
-        except WriterError as err:
-            raise BagError(f'bag {self.path}, topic {topic}: cannot add it: {err}') from err
+        self._writer.add_topic(Topic(topic, msgtype, msgdef, rihs01, tuple(offered)))
         self.records[topic] = {
             'msgtype': msgtype,
             'rihs01': rihs01,
@@ -320,11 +330,15 @@ class BagSink:
         }
 
     def write(self, topic: str, t_ns: int, data: bytes) -> None:
-        self._writer.write(self._connections[topic], t_ns, data)
+        self._writer.write(topic, t_ns, data)
         self.records[topic]['count'] += 1
 
+    def flush(self) -> None:
+        if self.opened and not self.closed:
+            self._writer.flush()
+
     def close(self) -> None:
-        """Write the index and metadata.yaml: without this the bag is not a valid rosbag2."""
+        """Close the open split and list it in metadata.yaml (the closed ones already are)."""
         if self.opened and not self.closed:
             self.closed = True
             try:
@@ -332,8 +346,18 @@ class BagSink:
             except (WriterError, OSError, sqlite3.Error) as err:
                 raise BagError(f'bag {self.path}: error while closing: {err}') from err
 
+    @property
+    def unfinished(self) -> str:
+        """The split a failed close left in its .open directory ('' when none)."""
+        return self._writer.unfinished
+
     def topic_records(self) -> tuple[TopicRecord, ...]:
-        return tuple(TopicRecord(topic, **fields) for topic, fields in self.records.items())
+        """What a reader of the bag finds: the messages of the listed (closed) files."""
+        readable = self._writer.closed_counts
+        return tuple(
+            TopicRecord(topic, **{**fields, 'count': readable.get(topic, 0)})
+            for topic, fields in self.records.items()
+        )
 
 
 # -- the node ---------------------------------------------------------------------------------
@@ -361,11 +385,14 @@ class RecordNode(Node):
         self.wanted = list(dict.fromkeys(self._resolve(t) for t in topics))
         self._recording: dict[str, Any] = {}
         self._skipped: dict[str, str] = {}  # topic -> why it cannot be recorded
-        self._last_error_log = 0.0
         self.write_errors = 0
+        self.failure = ''  # the first write error: the recording stops there
+        self.failed = threading.Event()
         self._all_up = threading.Event()
         # Discovery runs in the executor's thread only, like every write (see BagSink).
         self._timer = self.create_timer(discovery_period, self.discover)
+        # Flushes too: what arrived before a quiet spell must reach the disk before a crash.
+        self._flush_timer = self.create_timer(FLUSH_PERIOD, self._flush)
 
     def _resolve(self, topic: str) -> str:
         try:
@@ -434,21 +461,32 @@ class RecordNode(Node):
         )
         self.get_logger().info(f'recording {topic} ({msgtype}, {reliability})')
 
+    def _flush(self) -> None:
+        if self.failure:
+            return
+        try:
+            self._sink.flush()
+        except Exception as err:  # a node callback: the first write error stops recording
+            self._fail(err)
+
+    def _fail(self, err: Exception) -> None:
+        why = 'no room on the disk: ' if diskspace.out_of_room(err) else ''
+        self.failure = f'cannot write to {self._sink.path}: {why}{err}'
+        self.failed.set()
+
     def _writer_for(self, topic: str) -> Callable[[bytes], None]:
         sink, clock = self._sink, self.get_clock()
 
         def write(data: bytes) -> None:
+            if self.failure:
+                self.write_errors += 1
+                return
             try:
                 sink.write(topic, clock.now().nanoseconds, data)
-            except Exception as err:  # a node callback: log (throttled), count, go on
-                # A full disk must not silently end a recording.
-                self.write_errors += 1
-                now = time.monotonic()
-                if now - self._last_error_log > ERROR_LOG_PERIOD:
-                    self._last_error_log = now
-                    self.get_logger().error(
-                        f'{topic}: cannot write to {sink.path} ({self.write_errors} lost): {err}'
-                    )
+            except Exception as err:  # a node callback: count, report once, stop
+                # The first write error ends the recording (a full disk does not get better):
+                # the bag keeps what its closed files hold, and the summary says it, once.
+                self._fail(err)
 
         return write
 
@@ -471,6 +509,8 @@ class Recorder:
         discovery_period: float = 0.1,
         node_name: str = NODE_NAME,
         ros_args: Sequence[str] | None = None,
+        max_duration: float | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         if not topics:
             raise ConfigError('record needs at least one topic (--topics), got none')
@@ -479,6 +519,7 @@ class Recorder:
         self.out = Path(out)
         self.topics = list(topics)
         self.storage = storage
+        self._split = {'max_duration': max_duration, 'max_bytes': max_bytes}
         self._domain_id = domain_id
         self._discovery_period = discovery_period
         self._node_name = node_name
@@ -494,7 +535,8 @@ class Recorder:
         self.summary: RecordSummary | None = None
 
     def start(self) -> Recorder:
-        self._sink = BagSink(self.out, self.storage)  # refuses an existing --out at once
+        # refuses an existing --out at once
+        self._sink = BagSink(self.out, self.storage, **self._split)
         try:
             self._context = Context()
             rclpy.init(
@@ -546,6 +588,11 @@ class Recorder:
             except BagError as err:
                 self._failure = err
 
+    @property
+    def failed(self) -> bool:
+        """True once a write failed: the recording has stopped taking messages."""
+        return self.node is not None and self.node.failed.is_set()
+
     def wait_for_topics(self, timeout: float) -> bool:
         """True once every topic is being recorded (see ``RecordNode.wait_for_topics``)."""
         return self.node is not None and self.node.wait_for_topics(timeout)
@@ -569,13 +616,20 @@ class Recorder:
             # The recording thread closes the bag when its spin ends; should it hang, close it
             # here: an unclosed bag has no index and no metadata.yaml.
             if self._sink is not None and not self._sink.closed:
-                self._sink.close()
+                try:
+                    self._sink.close()
+                except BagError as err:
+                    self._failure = err
             if self.node is not None:
                 self.node.destroy_node()
             if self._context is not None:
                 rclpy.try_shutdown(context=self._context)
         missing = tuple(self.node.missing) if self.node is not None else tuple(self.topics)
         sink = self._sink
+        # The first write error is the reason; closing after it fails the same way.
+        error = self.node.failure if self.node is not None and self.node.failure else ''
+        if not error and self._failure is not None:
+            error = str(self._failure)
         self.summary = RecordSummary(
             path=self.out,
             storage=self.storage,
@@ -583,7 +637,8 @@ class Recorder:
             topics=sink.topic_records() if sink is not None else (),
             missing=missing,
             write_errors=self.node.write_errors if self.node is not None else 0,
-            error='' if self._failure is None else str(self._failure),
+            error=error,
+            unfinished=sink.unfinished if sink is not None else '',
         )
         return self.summary
 
@@ -602,21 +657,31 @@ def record(
     duration: float | None = None,
     ros_args: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    max_duration: float | None = None,
+    max_bytes: int | None = None,
 ) -> RecordSummary:
-    """Record until SIGINT/SIGTERM or ``duration`` seconds; the bag is closed in every case.
+    """Record until SIGINT/SIGTERM, ``duration`` seconds or the first write error; the bag is
+    closed in every case. ``max_duration``/``max_bytes`` split it (``recording.SplitWriter``).
 
     Must run in the main thread (it installs the signal handlers, restored on return).
     """
     if duration is not None and not (duration > 0):
         raise ConfigError(f'duration must be > 0 seconds, got {duration!r}')
-    recorder = Recorder(out, topics, storage=storage, ros_args=ros_args)
+    recorder = Recorder(
+        out,
+        topics,
+        storage=storage,
+        ros_args=ros_args,
+        max_duration=max_duration,
+        max_bytes=max_bytes,
+    )
     with stop_on_signals() as stop:
         try:
             recorder.start()
             if log is not None:
                 log(f'recording {", ".join(recorder.topics)} into {out} ({storage}); Ctrl-C stops')
             deadline = None if duration is None else time.monotonic() + duration
-            while not stop.is_set():
+            while not stop.is_set() and not recorder.failed:
                 left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
                 if left <= 0:
                     break
@@ -640,6 +705,8 @@ def main(args: list[str] | None = None) -> None:
             parsed.topics,
             storage=parsed.storage,
             duration=parsed.duration,
+            max_duration=parsed.max_bag_duration,
+            max_bytes=parsed.max_bag_size,
             ros_args=argv,  # rclpy.init picks out the --ros-args part itself
             log=get_logger(NODE_NAME).info,
         )

@@ -28,13 +28,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from malpi_ros import plots
+from malpi_ros import diskspace, plots
 from malpi_ros.bundle import METADATA_FILE, save_bundle
 from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
 from malpi_ros.dataset import (
     Episode,
     Recordings,
     Split,
+    cache_bytes,
     load_recordings,
     split_by_episode,
     windows,
@@ -57,6 +58,7 @@ HISTORY_FILE = 'history.csv'
 CURVES_FILE = 'learning_curves.png'
 CONFUSION_FILE = 'confusion.png'
 SUMMARY_FILE = 'summary.txt'
+BUNDLE_EXTRA_BYTES = 2 << 20  # reports, plots and metadata beside the model files
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,9 @@ def train(
     ):
         # save_bundle refuses too, but only after training: say it before spending the time.
         raise ConfigError(f'--out {out} exists and is not a bundle; not replacing it')
+    keras.utils.set_random_seed(train_cfg.seed)
+    model = build_sequence_model(policy.model)  # now: its size is part of the room needed
+    check_room(bag_paths, out, policy, model, image_topic, cmd_topic, cache_dir)
     recordings = load_recordings(
         bag_paths, policy.preprocess, dataset, policy.actions, image_topic, cmd_topic, cache_dir
     )
@@ -262,12 +267,12 @@ def train(
         + ', '.join(f'{n} {w:.2f}' for n, w in zip(names, prepared.weights, strict=True))
     )
 
-    keras.utils.set_random_seed(train_cfg.seed)
-    model = build_sequence_model(policy.model)
     fit_model, train_ds, val_ds = _fit_setup(model, prepared, policy, dataset, train_cfg)
     monitor = 'val_loss' if val_ds is not None else 'loss'
     best = BestWeights(monitor)
-    with tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
+    # A full disk while writing reports or the bundle: one line, and the old bundle untouched.
+    full_disk = diskspace.full_disk_is_one_line(f'--out {out} (the previous bundle is kept)')
+    with full_disk, tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
         staging = Path(staging_dir)
         history_path = staging / HISTORY_FILE
         fit_callbacks = [
@@ -423,6 +428,30 @@ def _score(
     pred_windows = predict_windows(fit_model, scored, batch_size)
     true_windows = scored.labels(np.arange(len(scored)))
     return true_windows[:, burn:].ravel(), pred_windows[:, burn:].ravel()
+
+
+def bundle_bytes(model: keras.Model) -> int:
+    """About what a bundle of ``model`` takes on disk: float32 weights in model.keras and
+    again in step.tflite, plus room for the reports and plots."""
+    return 2 * 4 * int(model.count_params()) + BUNDLE_EXTRA_BYTES
+
+
+def check_room(
+    bags: Sequence[Path],
+    out: Path,
+    policy: PolicyConfig,
+    model: keras.Model,
+    image_topic: str | None,
+    cmd_topic: str | None,
+    cache_dir: str | Path | None,
+) -> None:
+    """Refuse to start when the frame cache and the bundle will not fit (one line, no hour of
+    training first). The cache is counted only for bags it does not hold yet."""
+    needs: dict[str | Path, int] = {out: bundle_bytes(model)}
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        needs[cache] = cache_bytes(bags, policy.preprocess, image_topic, cmd_topic, cache)
+    diskspace.check_room(needs, 'the frame cache and the bundle')
 
 
 def _summary(

@@ -71,3 +71,35 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
             return True
         time.sleep(interval)
     return predicate()
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. '256k') mounted at ``path``: a real disk that fills up.
+
+    Needs root with the right to mount (as in the dev container and CI); unmounted on the way
+    out, whatever was left on it.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, f'cannot mount a small tmpfs for this test: {done.stderr}'
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def limit_file_size(max_bytes: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that caps every file the child writes at ``max_bytes`` (RLIMIT_FSIZE):
+    a write past it fails with EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return apply

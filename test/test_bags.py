@@ -242,3 +242,59 @@ def test_a_bag_without_some_message_definitions_reads_with_the_default_store(tmp
     with bags.open_bag(path) as bag:
         values = [bags.twist_of(m) for _, m in bag.messages('/cmd_vel')]
     assert values == [(lin, ang) for _, lin, ang in DRIVE.commands]
+
+
+def test_a_rosbag2_directory_named_dot_bag_opens(tmp_path):
+    """ROS 1 habit: `drive.bag/` as a rosbag2 directory (rosbags takes any .bag for ROS 1)."""
+    path = write_bag(tmp_path / 'drive.bag', frames=DRIVE.frames, commands=DRIVE.commands)
+    summary = bags.summarize(path)
+    assert summary.message_count == 40 and summary.storage == 'mcap'
+    with bags.open_bag(path) as bag:
+        assert len(list(bag.messages('/camera/image_raw'))) == 20
+
+
+def test_a_ros1_bag_names_ros1_and_the_converter(tmp_path):
+    from rosbags.rosbag1 import Writer as Ros1Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS1_NOETIC)
+    path = tmp_path / 'old.bag'
+    with Ros1Writer(path) as writer:
+        conn = writer.add_connection('/cmd_vel', 'geometry_msgs/msg/Twist', typestore=store)
+        twist = store.types['geometry_msgs/msg/Twist']
+        vector = store.types['geometry_msgs/msg/Vector3']
+        msg = twist(linear=vector(x=0.1, y=0.0, z=0.0), angular=vector(x=0.0, y=0.0, z=0.0))
+        writer.write(conn, 1, store.serialize_ros1(msg, 'geometry_msgs/msg/Twist'))
+    with pytest.raises(BagError) as err:
+        bags.open_bag(path)
+    message = str(err.value)
+    assert 'a ROS 1 bag' in message and 'rosbags-convert --src' in message, message
+
+
+def test_several_image_topics_lists_only_the_candidates(tmp_path):
+    """On a bag with many topics the error stays short: the image topics, not every topic."""
+    noise = [
+        (
+            f'/noise/t{i}',
+            'std_msgs/msg/String',
+            50.0,
+            typestore().types['std_msgs/msg/String'](data='x'),
+        )
+        for i in range(40)
+    ]
+    second = [
+        ('/camera2/image', 'sensor_msgs/msg/Image', t, image_msg(t, rgb))
+        for t, rgb in DRIVE.frames
+    ]
+    path = write_bag(
+        tmp_path / 'bag',
+        frames=DRIVE.frames,
+        commands=DRIVE.commands,
+        extra_topics=noise + second,
+    )
+    with pytest.raises(BagError) as err:
+        bags.find_topics(bags.summarize(path))
+    message = str(err.value)
+    assert '/camera/image_raw: sensor_msgs/msg/Image (20)' in message
+    assert '/camera2/image: sensor_msgs/msg/Image (20)' in message
+    assert '/noise' not in message and '/cmd_vel' not in message, message

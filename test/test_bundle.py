@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -210,9 +211,11 @@ def test_crash_while_writing_keeps_the_previous_bundle(good, tmp_path, monkeypat
 
 
 def test_crash_during_the_swap_restores_the_previous_bundle(good, tmp_path, monkeypatch):
+    """The fallback swap (no renameat2): a failed second rename puts the old bundle back."""
     target = Path(shutil.copytree(good, tmp_path / 'b'))
     model = tiny_sequence_model(tiny_config(), seed=5)
     real_rename = Path.rename
+    monkeypatch.setattr(bundle_mod, '_exchange', lambda a, b: False)
 
     def rename(self, dest):
         if '.tmp-' in self.name:  # the new bundle moving in: the old one is already aside
@@ -325,3 +328,90 @@ def test_factory_takes_other_sizes_and_action_tables(tmp_path):
     assert b.metadata['tflite_io']['outputs']['probs']['shape'] == [1, 3]
     result = Policy.from_bundle(path).step(np.zeros((30, 40, 3), np.uint8))
     assert result.probabilities.shape == (3,) and result.action_name in table.names
+
+
+def test_an_edited_metadata_json_fails_its_checksum(copy):
+    """A hand-edited dt loads no more: metadata.json's own sha256 covers it."""
+    _edit(copy, lambda d: d.__setitem__('dt', 0.2))
+    with pytest.raises(
+        BundleError, match=r'metadata\.json: field metadata_sha256: does not match'
+    ):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize(
+    ('content', 'expected'),
+    [
+        (b'{"format": "malpi_ros.bundle", "x": "\xff\xfe"}', 'not UTF-8 text'),
+        (b'[' * 200_000 + b']' * 200_000, 'nested too deeply'),
+    ],
+    ids=['not-utf8', 'deeply-nested'],
+)
+def test_unreadable_metadata_is_one_line_from_evaluate(copy, tmp_path, capsys, content, expected):
+    from bagfactory import synthetic_drive, write_bag
+
+    from malpi_ros.cli import main
+
+    drive = synthetic_drive(20, dt=0.1, seed=1)
+    bag = write_bag(tmp_path / 'bag', frames=drive.frames, commands=drive.commands)
+    (copy / 'metadata.json').write_bytes(content)
+    with pytest.raises(BundleError, match=expected):
+        load_bundle(copy)
+    assert main(['evaluate', '--no-parity', str(copy), str(bag)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and str(copy / 'metadata.json') in err[0], err
+
+
+STEPS = ['created', 'model-files', 'extra-files', 'metadata', 'swapped', 'cleaned']
+
+
+@pytest.mark.parametrize('exchange', [True, False], ids=['renameat2', 'fallback'])
+def test_every_step_of_a_save_leaves_a_loadable_bundle(good, tmp_path, monkeypatch, exchange):
+    """At each step of a save the disk is looked at (load) and copied as a kill -9 there would
+    leave it; each copy, loaded and saved over as the next run would, gives a complete bundle
+    (the old or the new) and no leftovers. With renameat2 --out is never absent; the fallback
+    has one step ('old-aside') where it is, and a load repairs it."""
+    if not exchange:
+        monkeypatch.setattr(bundle_mod, '_exchange', lambda a, b: False)
+    work = tmp_path / 'work'
+    work.mkdir()
+    target = Path(shutil.copytree(good, work / 'b'))
+    model = tiny_sequence_model(tiny_config(), seed=5)
+    snapshots: dict[str, Path] = {}
+    absent: list[str] = []
+
+    def checkpoint(step: str) -> None:
+        try:
+            assert load_bundle(target, recover=False).dt in (0.1, 0.2)
+        except BundleError:
+            absent.append(step)
+        snapshots[step] = Path(shutil.copytree(work, tmp_path / f'crash-{step}'))
+
+    monkeypatch.setattr(bundle_mod, '_checkpoint', checkpoint)
+    save_bundle(target, model, tiny_config(), dt=0.2, seq_len=5)
+    expected = STEPS if exchange else [*STEPS[:4], 'old-aside', *STEPS[4:]]
+    assert list(snapshots) == expected
+    assert absent == ([] if exchange else ['old-aside'])
+    assert load_bundle(target).dt == 0.2 and _leftovers(work) == []
+
+    monkeypatch.setattr(bundle_mod, '_checkpoint', lambda step: None)
+    for step, crashed in snapshots.items():
+        leftovers = _leftovers(crashed)
+        assert leftovers or step == 'cleaned', step  # a kill there leaves a temp dir
+        dt = load_bundle(crashed / 'b').dt  # the next run's load
+        assert dt == (0.2 if step in ('old-aside', 'swapped', 'cleaned') else 0.1), step
+        save_bundle(crashed / 'b', model, tiny_config(), dt=0.3, seq_len=5)  # the next save
+        assert load_bundle(crashed / 'b').dt == 0.3
+        assert _leftovers(crashed) == [], step
+
+
+def test_a_running_save_keeps_its_temp_dir_and_a_dead_ones_is_removed(good, tmp_path):
+    target = Path(shutil.copytree(good, tmp_path / 'b'))
+    running = tmp_path / f'.b.tmp-{os.getppid()}-0123456789ab'  # a live process: pytest's parent
+    dead = tmp_path / '.b.tmp-999999999-0123456789ab'  # no such pid
+    old_style = tmp_path / '.b.old-0123456789ab'  # from before pids were in the name
+    for leftover in (running, dead, old_style):
+        leftover.mkdir()
+    removed = bundle_mod.recover_leftovers(target)
+    assert running.exists() and not dead.exists() and not old_style.exists()
+    assert sorted(removed) == sorted([f'removed {dead.name}', f'removed {old_style.name}'])

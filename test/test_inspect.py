@@ -197,3 +197,25 @@ def test_a_png_bomb_in_a_bag_is_reported_undecodable_without_decoding_it(tmp_pat
     assert measured['peak_rss_mb'] - base['peak_rss_mb'] < 50
     assert measured['seconds'] < base['seconds'] + 1.0
     assert report['labels'] == base_report['labels']  # labels never needed the pixels
+
+
+def test_a_bag_without_one_decodable_frame_fails_and_each_error_is_printed_once(
+    tmp_path, drive, capsys
+):
+    broken = [(t, rgb, {'encoding': 'bogus8'}) for t, rgb in drive.frames]
+    path = write_bag(tmp_path / 'broken', frames=broken, commands=drive.commands)
+    assert main(['inspect', str(path)]) == 1
+    captured = capsys.readouterr()
+    assert f'bag {path}, topic /camera/image_raw: none of 60 frames could be decoded' in (
+        captured.err
+    )
+    assert captured.err.count('error:') == 1 and 'error' not in captured.out, captured
+    assert main(['inspect', str(tmp_path / 'missing')]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count('no such file or directory') == 1 and captured.out == ''
+
+
+def test_inspect_takes_a_dot_bag_directory(tmp_path, drive, capsys):
+    path = write_bag(tmp_path / 'drive.bag', frames=drive.frames, commands=drive.commands)
+    assert main(['inspect', str(path)]) == 0, capsys.readouterr().err
+    assert 'mcap, 120 messages' in capsys.readouterr().out

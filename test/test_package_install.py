@@ -58,3 +58,25 @@ def test_cli_entry_point_runs_from_the_install():
     assert out.returncode == 0, out.stderr
     assert 'malpi-ros' in out.stdout
     assert sys.executable  # the same venv interpreter runs the tests
+
+
+def test_malpi_ros_is_on_the_venvs_path_and_runs_without_activation(tmp_path):
+    """After `make test`, the README's `malpi-ros ...` work from the venv's bin/ (on PATH once
+    activated), and by full path with no venv on PATH at all."""
+    cli = VENV / 'bin' / 'malpi-ros'
+    assert cli.is_file() and cli.stat().st_mode & 0o111, f'{cli} missing or not executable'
+    bare = {k: v for k, v in ros_env().items() if k not in ('VIRTUAL_ENV', 'PYTHONPATH')}
+    bare['PATH'] = '/usr/bin:/bin'
+    out = subprocess.run(
+        [str(cli), 'inspect', str(tmp_path / 'nothing')],
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert (
+        out.stderr.strip()
+        == f'malpi-ros inspect: error: bag {tmp_path / "nothing"}: no such file or directory'
+    )

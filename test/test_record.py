@@ -18,7 +18,7 @@ import pytest
 import yaml
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
-from support import NODE_DIR, ros_env, running, stop, wait_for
+from support import NODE_DIR, ros_env, running, small_disk, stop, wait_for
 
 from malpi_ros import bags as bagio
 from malpi_ros.image import decode
@@ -275,3 +275,110 @@ def test_a_bad_topic_name_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert "not a valid topic name: 'bad topic!'" in capsys.readouterr().err
     assert not (tmp_path / 'bag').exists()  # nothing half-made left behind
+
+
+# -- recordings that survive ---------------------------------------------------------------------
+
+
+def _read_all(bag):
+    with bagio.open_bag(bag) as opened:
+        return [(topic, t_ns) for topic, t_ns, _ in opened.raw_messages()]
+
+
+@pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
+def test_sigkill_mid_recording_then_recover_gives_back_the_messages(tmp_path, storage, capsys):
+    """kill -9 after the publisher is done: the open file was flushed (about every second),
+    so recover rebuilds it; the bag is named like a ROS 1 one (drive.bag), and opens."""
+    from malpi_ros.cli import main
+
+    env = ros_env()
+    out, rec_log, pub_log = tmp_path / 'drive.bag', tmp_path / 'rec.log', tmp_path / 'pub.log'
+    cmd = [MALPI_ROS, 'record', '--out', str(out), '--storage', storage]
+    cmd += ['--topics', '/camera/image_raw', '/cmd_vel']
+    recorder = subprocess.Popen(
+        cmd, env=env, stdout=rec_log.open('w'), stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        with running([sys.executable, '-c', PUBLISHER], env, pub_log):
+            assert wait_for(lambda: 'done' in _lines(pub_log), 60), _lines(rec_log)
+            time.sleep(2.5)  # > the flush period, with room for a loaded machine
+            recorder.kill()
+            recorder.wait(10)
+    finally:
+        stop(recorder)
+    assert main(['inspect', str(out)]) == 1  # unfinished: no metadata.yaml yet
+    assert f'malpi-ros recover {out}' in capsys.readouterr().err
+    assert main(['recover', str(out)]) == 0
+    assert 'messages' in capsys.readouterr().out
+    got = _read_all(out)
+    images = sum(1 for topic, _ in got if topic == '/camera/image_raw')
+    commands = sum(1 for topic, _ in got if topic == '/cmd_vel')
+    assert images >= 0.9 * N and commands >= 0.9 * N, (images, commands, _lines(rec_log))
+    assert main(['inspect', str(out)]) == 0, capsys.readouterr().err
+
+
+def test_record_splits_files_and_every_message_reads_back_in_order(tmp_path):
+    env = ros_env()
+    out, pub_log = tmp_path / 'split', tmp_path / 'pub.log'
+    cmd = [MALPI_ROS, 'record', '--out', str(out), '--max-bag-duration', '0.2']
+    cmd += ['--topics', '/camera/image_raw', '/cmd_vel']
+    publisher = [sys.executable, '-c', PUBLISHER]
+    with running(cmd, env, tmp_path / 'rec.log') as recorder, running(publisher, env, pub_log):
+        assert wait_for(lambda: 'done' in _lines(pub_log), 60)
+        time.sleep(1.0)
+        assert stop(recorder) == 0, _lines(tmp_path / 'rec.log')
+    meta = yaml.safe_load((out / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
+    files = meta['relative_file_paths']
+    assert len(files) >= 3 and files[0] == 'split_0.mcap', files
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, 'metadata.yaml'])
+    assert meta['message_count'] == 2 * N
+    counts = {
+        e['topic_metadata']['name']: e['message_count'] for e in meta['topics_with_message_count']
+    }
+    assert counts == {'/camera/image_raw': N, '/cmd_vel': N}
+    with bagio.open_bag(out) as bag:
+        frames = [decode(m) for _, m in bag.messages('/camera/image_raw')]
+    assert len(frames) == N
+    for n, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame, expected_frame(n))
+
+
+def test_a_full_disk_stops_the_recorder_with_one_line_and_a_readable_bag(tmp_path):
+    """A real full disk (a 384 KB tmpfs): the recorder stops at the first write error, says so
+    in one line, and the bag holds (and says it holds) the closed files."""
+    env = ros_env()
+    disk = tmp_path / 'disk'
+    out = disk / 'bag'
+    cmd = [MALPI_ROS, 'record', '--out', str(out), '--max-bag-size', '60000']
+    cmd += ['--topics', '/camera/image_raw', '/cmd_vel']
+    with small_disk(disk, '384k'):
+        with running([sys.executable, '-c', PUBLISHER, 'nowait'], env, tmp_path / 'pub.log'):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        got = _read_all(out)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'Traceback' not in done.stderr, done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if 'No space' in line]
+    assert len(lines) == 1 and 'recording stopped early' in lines[0], done.stdout + done.stderr
+    said = int(done.stdout.split(': ', 1)[1].split(' messages')[0])
+    assert said == len(got) > 50, (said, len(got), done.stdout)
+
+
+def test_a_cut_mcap_is_rebuilt_by_recover(tmp_path, capsys):
+    """The last 3% of the storage file cut off (its summary and some messages): unreadable,
+    until recover reads the messages up to the cut."""
+    from bagfactory import mcap_file, synthetic_drive, write_bag
+
+    from malpi_ros.cli import main
+
+    drive = synthetic_drive(400, dt=0.05, seed=2)
+    bag = write_bag(tmp_path / 'cut', frames=drive.frames, commands=drive.commands)
+    file = mcap_file(bag)
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * 0.97)])
+    assert main(['inspect', str(bag)]) == 1
+    capsys.readouterr()
+    assert main(['recover', str(bag)]) == 0
+    assert 'cut.mcap -> cut.mcap' in capsys.readouterr().out
+    got = _read_all(bag)
+    assert len(got) >= 0.9 * 800, len(got)
+    assert main(['inspect', str(bag)]) == 0, capsys.readouterr().err

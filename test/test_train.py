@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from bagfactory import mcap_file, synthetic_drive, write_bag
 from modelfactory import make_tiny_bundle
+from support import NODE_DIR, limit_file_size, ros_env, small_disk
 
-from malpi_ros import cli
+from malpi_ros import cli, diskspace
 from malpi_ros import train as train_module
 from malpi_ros.bags import storage_files
 from malpi_ros.bundle import load_bundle, sha256_file
@@ -337,3 +340,71 @@ def test_a_failed_run_leaves_the_existing_bundle_untouched(tmp_path, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.bundle')) == []
     meta = json.loads((out / 'metadata.json').read_text())
     assert meta['metrics']['note'].startswith('random weights')
+
+
+# -- a full disk -------------------------------------------------------------------------------
+
+
+def test_too_little_room_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    bags = drive_bags(tmp_path, count=2, n=30)
+    out = tmp_path / 'bundle'
+    monkeypatch.setattr(diskspace, 'free_bytes', lambda path: 50_000)
+    assert run_train(*bags, '--out', out, '--config', tiny_config(tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert 'not enough room for the frame cache and the bundle' in err[0], err
+    assert str(out) in err[0] and 'bundle.cache' in err[0] and '0.1 MB free' in err[0], err
+    assert not out.exists() and not (tmp_path / 'bundle.cache').exists()
+
+
+def test_a_cache_on_a_full_disk_is_one_error_not_a_bus_error(tmp_path):
+    """Without preallocation the memory-mapped cache dies with SIGBUS when the disk fills."""
+    (bag,) = drive_bags(tmp_path, count=1, n=40)  # 40 x 24 x 32 x 3 = 92 KB of frames
+    disk = tmp_path / 'disk'
+    script = f"""
+import sys
+from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
+from malpi_ros.dataset import load_recordings
+from malpi_ros.errors import StorageError
+try:
+    load_recordings([{str(bag)!r}], PreprocessConfig(height=24, width=32),
+                    DatasetConfig(burn_in=2, seq_len=6, stride=3), ActionTable(),
+                    cache_dir={str(disk / 'cache')!r})
+except StorageError as err:
+    print(err)
+    sys.exit(3)
+"""
+    with small_disk(disk, '64k'):
+        done = subprocess.run(
+            [sys.executable, '-c', script], capture_output=True, text=True, timeout=120
+        )
+        left = sorted(p.name for p in disk.rglob('*'))
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout.startswith(f'frame cache {disk / "cache"}: no room for the frames of {bag}')
+    assert 'No space left on device' in done.stdout
+    assert left == []  # no frames.<pid>.tmp.npy, no empty cache directory
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_old_bundle_stays(tmp_path):
+    """RLIMIT_FSIZE in the child: every write past 20 KB fails (EFBIG) as on a full disk;
+    the bags and the cache fit, the model files do not."""
+    (bag,) = drive_bags(tmp_path, count=1, n=40)
+    out = make_tiny_bundle(tmp_path / 'bundle')
+    before = tree(out)
+    cmd = [str(NODE_DIR / 'malpi-ros'), 'train', str(bag), '--out', str(out)]
+    cmd += ['--config', str(tiny_config(tmp_path)), '--verbose', '0', '--no-cache']
+    done = subprocess.run(
+        cmd,
+        env=ros_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size(20_000),
+    )
+    errors = [line for line in done.stderr.splitlines() if 'error' in line.lower()]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert 'Traceback' not in done.stderr, done.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith('malpi-ros train: error: --out'), errors
+    assert 'no room to write' in errors[0] and 'File too large' in errors[0], errors
+    assert tree(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.bundle')] == []

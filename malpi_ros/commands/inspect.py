@@ -4,8 +4,9 @@ Summarize rosbag2 recordings before training on them: per bag, its topics with t
 rates and gaps (the largest, and how many are longer than the dataset's episode gap), the
 camera's frame sizes and encodings (from the first few frames), and the action histogram the
 training labels would have (commands aligned to frame times as training does, without decoding
-the images). Exits non-zero, naming the bag, when a bag is unreadable or lacks a camera or
-command topic.
+the images). Exits non-zero, naming the bag, when a bag is unreadable, lacks a camera or
+command topic, or has no camera frame that decodes; each error is printed once, on stderr. A
+bag its recorder did not finish: `malpi-ros recover BAG` first.
 
 --config reads the settings file `malpi-ros train` reads (malpi_ros.config_file); its
 ``dataset:`` and ``actions:`` sections set the labelling rules.
@@ -62,14 +63,17 @@ def inspect_bag(
             topics, topic_error = None, str(err)
         commands: list[tuple[float, float, float]] = []
         samples: list[Any] = []
+        probe = _DecodeProbe(bag)
 
         def collect(topic: str, t_ns: int, raw: Any) -> None:
             if topics is None:
                 return
             if topic == topics.cmd_topic:
                 commands.append((t_ns * 1e-9, *bagio.twist_of(bag.deserialize(raw, topic))))
-            elif topic == topics.image_topic and len(samples) < SAMPLE_FRAMES:
-                samples.append(raw)
+            elif topic == topics.image_topic:
+                if len(samples) < SAMPLE_FRAMES:
+                    samples.append(raw)
+                probe.offer(raw, topic)
 
         summary = bagio.summarize_open(bag, collect)
         images = _image_formats(bag, topics, samples)
@@ -103,7 +107,36 @@ def inspect_bag(
     report['labels'] = _label_report(summary, topics, commands, dataset, table)
     if report['labels'].get('error'):
         report['error'] = report['labels']['error']
+    if probe.tried and not probe.decoded:
+        report['error'] = (
+            f'bag {path}, topic {topics.image_topic}: none of {probe.tried} frames could be '
+            f'decoded: {probe.reason}'
+        )
     return report
+
+
+class _DecodeProbe:
+    """Decodes camera frames until one decodes: training needs at least one, and a bag whose
+    every frame is broken must fail here, not after a long read in ``train``."""
+
+    def __init__(self, bag: bagio.Bag) -> None:
+        self.bag = bag
+        self.decoded = False
+        self.tried = 0
+        self.reason = ''
+
+    def offer(self, raw: Any, topic: str) -> None:
+        if self.decoded:
+            return
+        from malpi_ros.image import decode  # cv2: only where a frame is decoded
+
+        self.tried += 1
+        try:
+            decode(self.bag.deserialize(raw, topic))
+        except (BagError, DecodeError) as err:
+            self.reason = str(err)
+        else:
+            self.decoded = True
 
 
 def _image_formats(
@@ -217,9 +250,7 @@ def format_text(report: dict[str, Any]) -> str:
                 f'{from_dict(DatasetConfig, cfg).unit} ({labels["short_episodes"]} episodes '
                 'too short)'
             )
-    if report.get('error'):
-        lines.append(f'  error: {report["error"]}')
-    return '\n'.join(lines)
+    return '\n'.join(lines)  # an error goes to stderr, once (see run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,11 +264,8 @@ def run(args: argparse.Namespace) -> int:
         except BagError as err:
             report = {'bag': str(path), 'error': str(err)}
         reports.append(report)
-        if not args.json:
-            if 'topics' in report:
-                print(format_text(report))
-            else:
-                print(f'{path}\n  error: {report["error"]}')
+        if not args.json and 'topics' in report:
+            print(format_text(report))
     failed = [r for r in reports if r.get('error')]
     if args.json:
         json.dump({'bags': reports}, sys.stdout, indent=2, allow_nan=False, default=_json_value)

@@ -8,6 +8,13 @@ is closed properly in every case. Prints what was recorded; exits 1 when the bag
 created (e.g. --out exists) or recording failed, and 0 otherwise, also when a topic never
 appeared (it is listed).
 
+The bag is written as storage files of --max-bag-duration seconds (default 60) and/or
+--max-bag-size bytes, like `ros2 bag record`: metadata.yaml lists every closed file, the open
+one is flushed about every second, so a crash (kill -9, power cut) loses at most the last
+second and `malpi-ros recover BAG` rebuilds the open file. The first write error (a full
+disk) stops the recording with one line; the bag then holds the closed files, and the summary
+counts only those.
+
 The recording process joins the ROS graph of its environment (ROS_DOMAIN_ID; keep
 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST on a development machine).
 """
@@ -18,9 +25,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from malpi_ros.commands import positive_number
+from malpi_ros.commands import non_negative_number, positive_number
 
 STORAGES = ('mcap', 'sqlite3')
+DEFAULT_SPLIT_S = 60.0  # a crash or a full disk costs at most this much of the recording
+
+
+def _bytes(text: str) -> int:
+    """argparse type: a whole number of bytes >= 0."""
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f'expected a whole number of bytes, got {text!r}'
+        ) from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {text!r}')
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--storage', choices=STORAGES, default='mcap', help='storage format (default: mcap)'
     )
+    parser.add_argument(
+        '--max-bag-duration',
+        type=non_negative_number,
+        default=DEFAULT_SPLIT_S,
+        metavar='S',
+        help='start a new storage file every S seconds of recording (0: never; default: '
+        f'{DEFAULT_SPLIT_S:g}); a crash loses at most the open file, and recover rebuilds it',
+    )
+    parser.add_argument(
+        '--max-bag-size',
+        type=_bytes,
+        default=0,
+        metavar='BYTES',
+        help='start a new storage file when the open one reaches BYTES (0: never, the default)',
+    )
 
 
 def build_parser(prog: str = 'malpi-ros record') -> argparse.ArgumentParser:
@@ -61,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    summary = record(args.out, args.topics, storage=args.storage, duration=args.duration, log=log)
+    summary = record(
+        args.out,
+        args.topics,
+        storage=args.storage,
+        duration=args.duration,
+        max_duration=args.max_bag_duration,
+        max_bytes=args.max_bag_size,
+        log=log,
+    )
     print(summary.describe(), flush=True)
     return 1 if summary.error else 0
