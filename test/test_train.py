@@ -292,7 +292,8 @@ def test_bad_bags_fail_naming_bag_and_topic_and_write_nothing(tmp_path, capsys):
     all_nan = write_bag(tmp_path / 'nan', frames=drive.frames, commands=nan)
     _expect_failure(capsys, [all_nan], out, config, str(all_nan), 'topic /cmd_vel', 'NaN')
 
-    short = write_bag(tmp_path / 'short', frames=drive.frames[:5], commands=drive.commands[:5])
+    # 2 frames: fewer than the burn-in of 2 + one scored step
+    short = write_bag(tmp_path / 'short', frames=drive.frames[:2], commands=drive.commands[:2])
     _expect_failure(capsys, [short], out, config, 'long enough to train on', str(short))
 
     good = write_bag(tmp_path / 'good', frames=drive.frames, commands=drive.commands)
