@@ -457,6 +457,10 @@ def _check_metadata(meta_path: Path, metadata: Any) -> PolicyConfig:
         raise BundleError(f'{meta_path}: must hold a JSON object, got {type(metadata).__name__}')
     for field, types in _FIELDS.items():
         if field not in metadata:
+            if field == CHECKSUM_FIELD:  # the first landing's bundles: say what to do
+                raise bad(
+                    field, 'missing (a bundle saved before metadata checksums: train it again)'
+                )
             raise bad(field, 'missing')
         value = metadata[field]
         if isinstance(value, bool) or not isinstance(value, types):

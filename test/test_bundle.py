@@ -339,6 +339,12 @@ def test_an_edited_metadata_json_fails_its_checksum(copy):
         load_bundle(copy)
 
 
+def test_a_bundle_from_before_metadata_checksums_says_to_train_again(copy):
+    _edit(copy, lambda d: d.pop('metadata_sha256'))
+    with pytest.raises(BundleError, match=r'metadata_sha256: missing \(a bundle saved before'):
+        load_bundle(copy)
+
+
 @pytest.mark.parametrize(
     ('content', 'expected'),
     [
