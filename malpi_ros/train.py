@@ -147,6 +147,35 @@ def prepare(
     return Prepared(recordings, split, train_source, val_source, weights, tuple(notes))
 
 
+class TimeLeft(keras.callbacks.Callback):
+    """Logs after each epoch how long it took and the time left if every epoch runs (early
+    stopping may end sooner): on a 2-core machine training is minutes, and a user deserves
+    to know how many."""
+
+    def __init__(self, epochs: int, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.log = log
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        done = epoch + 1
+        per_epoch = (time.perf_counter() - self.started) / done
+        left = per_epoch * (self.epochs - done)
+        self.log(
+            f'epoch {done}/{self.epochs}: {per_epoch:.0f} s an epoch, '
+            f'at most {format_duration(left)} left'
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '3.2 min'."""
+    return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
+
+
 class BestWeights(keras.callbacks.Callback):
     """Keeps the weights of the best epoch (lowest ``monitor``) and restores them at the end.
 
@@ -283,6 +312,7 @@ def train(
                 start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
             ),
             keras.callbacks.CSVLogger(str(history_path)),
+            TimeLeft(train_cfg.epochs, log),
             *callbacks,
         ]
         fit_started = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -142,7 +143,7 @@ def test_every_window_once_per_epoch_in_a_new_seeded_order(tmp_path):
     ids=['mcap-raw-twist', 'sqlite3-jpeg-twiststamped-16px'],
 )
 def test_train_writes_a_loadable_bundle_with_its_reports(
-    tmp_path, storage, compressed, stamped, size
+    tmp_path, capsys, storage, compressed, stamped, size
 ):
     height, width = size
     bags = drive_bags(
@@ -152,6 +153,9 @@ def test_train_writes_a_loadable_bundle_with_its_reports(
     out = tmp_path / 'bundle'
     config = tiny_config(tmp_path, height, width, epochs=2)
     assert run_train(*bags, '--out', out, '--config', config) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r'epoch 1/2: \d+ s an epoch, at most \d+ s left', printed), printed
+    assert re.search(r'epoch 2/2: \d+ s an epoch, at most 0 s left', printed), printed
 
     bundle = load_bundle(out)
     assert bundle.config.model.input_shape == (height, width, 3)
