@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -217,34 +218,36 @@ def chunk_plan(
     frames (its last chunk may be shorter); with ``split`` episodes are cut into pieces of
     about ``total / lanes`` frames so that every lane has work (without it, as validation
     does, every episode runs whole from one zero state); pieces are dealt to the lane with the
-    least work. With ``rng`` every epoch differs: each episode starts at a random offset
-    below ``chunk`` (chunk boundaries move relative to the content) and pieces are shuffled;
-    without it the plan is fixed (validation). ``batches``: the plan is cut or padded to
-    that many batches (an epoch of a known length; a cut loses the ends of a few lanes).
+    least work. With ``rng`` every epoch differs: the chunk boundaries of each episode longer
+    than a chunk move by a random offset below ``chunk`` (its first chunk is shorter; every
+    frame is still stepped through once) and pieces are shuffled; without it the plan is
+    fixed, and so is its length: random plans vary by a few batches. ``batches``: the plan is
+    cut or padded to that many batches.
     """
     if chunk < 1 or lanes < 1:
         raise DatasetError(f'chunk and lanes must be >= 1, got {chunk} and {lanes}')
-    spans = []
+    # Each episode as consecutive chunks [start, length]. With ``rng`` an episode longer than a
+    # chunk gets its boundaries moved by a random offset: its first chunk is the shorter one,
+    # and no frame is dropped (a drive as long as a chunk would lose its start, cue included).
+    episodes: list[list[tuple[int, int, int]]] = []
     for episode, n in enumerate(lengths):
-        offset = int(rng.integers(0, min(chunk, n))) if rng is not None and n > 1 else 0
-        if n - offset > 0:
-            spans.append((episode, offset, n - offset))
-    if not spans:
+        if n < 1:
+            continue
+        offset = int(rng.integers(0, chunk)) if rng is not None and n > chunk else 0
+        cuts = [0, *range(offset or chunk, n, chunk), n]
+        episodes.append([(episode, a, b - a) for a, b in itertools.pairwise(cuts)])
+    if not episodes:
         return np.zeros((batches or 0, lanes, 4), np.int64)
-    total_chunks = sum(-(-n // chunk) for _, _, n in spans)
-    longest = max(n for _, _, n in spans)
-    piece = chunk * max(1, -(-total_chunks // lanes)) if split else longest  # whole chunks
-    pieces = [
-        (episode, start + at, min(piece, n - at))
-        for episode, start, n in spans
-        for at in range(0, n, piece)
-    ]
+    total_chunks = sum(len(chunks) for chunks in episodes)
+    per = max(1, -(-total_chunks // lanes)) if split else max(map(len, episodes))
+    pieces = [chunks[at : at + per] for chunks in episodes for at in range(0, len(chunks), per)]
     if rng is not None:
         pieces = [pieces[i] for i in rng.permutation(len(pieces))]
     work: list[list[tuple[int, int, int, int]]] = [[] for _ in range(lanes)]
-    for episode, start, n in pieces:
+    for piece in pieces:
         lane = min(range(lanes), key=lambda i: len(work[i]))
-        work[lane] += [(episode, start + at, min(chunk, n - at), at) for at in range(0, n, chunk)]
+        first = piece[0][1]
+        work[lane] += [(episode, start, n, start - first) for episode, start, n in piece]
     length = max(len(w) for w in work) if batches is None else batches
     plan = np.zeros((length, lanes, 4), np.int64)
     for lane, rows in enumerate(work):

@@ -201,13 +201,12 @@ class ChunkSource:
     def plan(self, rng: np.random.Generator | None = None) -> np.ndarray:
         """The fixed plan (``rng`` None), or a random one of the same number of batches."""
         lengths = [len(e) for e in self.episodes]
-        fixed = chunk_plan(lengths, self.chunk, self.lanes)
-        return (
-            fixed if rng is None else chunk_plan(lengths, self.chunk, self.lanes, rng, len(fixed))
-        )
+        return chunk_plan(lengths, self.chunk, self.lanes, rng, split=self.split)
 
     @property
     def batches(self) -> int:
+        """Batches of the fixed plan; a random one (an epoch of training) may take a few more
+        or fewer, so its dataset's length is left unknown to ``tf.data``."""
         return len(self.plan())
 
     def __len__(self) -> int:
@@ -279,5 +278,4 @@ def make_chunk_dataset(
         num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
         deterministic=True,  # the state flows from each batch to the next: order matters
     )
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(source.batches))
     return dataset.prefetch(2)
