@@ -48,7 +48,7 @@ bench: build
 # to demo_runs/<timestamp>/. -P: the installed package, not this source tree (no messages here).
 # DEMO_ARGS: e.g. DEMO_ARGS='--laps 5' or DEMO_ARGS='--bundle demo_runs/<run>/bundle'.
 demo: build
-	$(PY) -P -m malpi_ros.demo --out demo_runs $(DEMO_ARGS)
+	$(PY) -P -m malpi_ros.sim.demo --out demo_runs $(DEMO_ARGS)
 
 # The LSTM with its state carried against window policies (the peers' way: the last K frames
 # re-run every step) at the short and the long memory horizon, in-process (no ROS).

@@ -2,7 +2,7 @@
 
     ros2 launch malpi_ros sim.launch.py bundle:=/path/to/bundle [reset_every_frame:=true]
 
-The same graph ``make demo`` (``malpi_ros.demo``) starts process by process on machines without
+The same graph ``make demo`` (``malpi_ros.sim.demo``) starts process by process on machines without
 ``ros2 launch``: same parameter file, same remaps (``REMAPS`` below; the demo's test checks
 they agree). Watch it with ``ros2 topic echo /sim_node/progress``.
 """

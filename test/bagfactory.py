@@ -7,7 +7,7 @@ and receive times are both ``t`` unless told otherwise. ``synthetic_drive`` and
 every frame, the second only in a cue frame several blank frames before the frame that needs it
 (the "does the LSTM remember" task of DESIGN §4).
 
-The image encoding here is written independently of ``malpi_ros.image`` on purpose: a test
+The image encoding here is written independently of ``malpi_ros.runtime.image`` on purpose: a test
 helper that shared the decoder's code could not catch the decoder's mistakes.
 """
 

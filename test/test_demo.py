@@ -19,12 +19,12 @@ import pytest
 import yaml
 from support import NODE_DIR, SHARE_DIR, ros_env
 
-from malpi_ros import bags, demo
+from malpi_ros.bagio import reader as bags
 from malpi_ros.config import PreprocessConfig
-from malpi_ros.image import decode, fit_frame
-from malpi_ros.policy_node_config import PARAMETERS as POLICY_PARAMETERS
-from malpi_ros.sim import RobotConfig, SimConfig, SimWorld, integrate
-from malpi_ros.sim_record import RecordConfig, _Disturbance, _expert_step, record_expert
+from malpi_ros.nodes.policy_node_config import PARAMETERS as POLICY_PARAMETERS
+from malpi_ros.runtime.image import decode, fit_frame
+from malpi_ros.sim import RobotConfig, SimConfig, SimWorld, demo, integrate
+from malpi_ros.sim.record import RecordConfig, _Disturbance, _expert_step, record_expert
 
 CLI = str(NODE_DIR / 'malpi-ros')
 SIM_TRAIN = SHARE_DIR / 'config' / 'sim_train.yaml'

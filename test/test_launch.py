@@ -27,9 +27,9 @@ from rosgraph import graph
 from sensor_msgs.msg import Image
 from support import NODE_DIR, SHARE_DIR, ros_env, running
 
-from malpi_ros import image
 from malpi_ros.msg import PolicyOutput
-from malpi_ros.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.nodes.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.runtime import image
 
 LAUNCH_DIR = SHARE_DIR / 'launch'
 ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
@@ -40,7 +40,7 @@ NODE_MODULES = {'policy_node', 'motor_driver_node', 'sim_node'}
 
 def declared_parameters(exe: str) -> set[str]:
     """Parameter names a node executable declares (its module's PARAMETERS table)."""
-    return set(importlib.import_module(f'malpi_ros.{exe}').PARAMETERS)
+    return set(importlib.import_module(f'malpi_ros.nodes.{exe}').PARAMETERS)
 
 
 def node_topics(exe: str) -> set[str]:
@@ -50,10 +50,10 @@ def node_topics(exe: str) -> set[str]:
     string literals its module passes as topic names to ``create_subscription`` /
     ``create_publisher``.
     """
-    config = f'malpi_ros.{exe}_config'
+    config = f'malpi_ros.nodes.{exe}_config'
     if importlib.util.find_spec(config) is not None:
         return set(importlib.import_module(config).TOPICS)
-    module = importlib.import_module(f'malpi_ros.{exe}')
+    module = importlib.import_module(f'malpi_ros.nodes.{exe}')
     tree = ast.parse(Path(module.__file__).read_text())
     return {
         call.args[1].value

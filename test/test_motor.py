@@ -11,7 +11,7 @@ import yaml
 from support import SHARE_DIR
 
 from malpi_ros.errors import ConfigError, MotorError
-from malpi_ros.motor import (
+from malpi_ros.runtime.motor import (
     MOTORKIT_PIP,
     MotorConfig,
     SimBackend,

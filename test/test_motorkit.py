@@ -21,7 +21,7 @@ from geometry_msgs.msg import Twist
 from rosgraph import graph
 from support import NODE_DIR, SHARE_DIR, ros_env, running, wait_for
 
-from malpi_ros.motor import MotorConfig, mix
+from malpi_ros.runtime.motor import MotorConfig, mix
 
 pytestmark = pytest.mark.ros
 

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from malpi_ros.errors import ConfigError
-from malpi_ros.frame_gate import (
+from malpi_ros.nodes.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.runtime.frame_gate import (
     DT_TOLERANCE,
     LATE,
     SKIPPED,
@@ -17,8 +18,7 @@ from malpi_ros.frame_gate import (
     SilenceWatch,
     SimClockWatch,
 )
-from malpi_ros.node_stats import ERROR, OK, STAGES, WARN, NodeStats
-from malpi_ros.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.runtime.node_stats import ERROR, OK, STAGES, WARN, NodeStats
 
 T0 = 1_700_000_000.0  # a wall-clock stamp, as cameras give
 

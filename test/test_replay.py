@@ -1,4 +1,4 @@
-"""malpi_ros.replay, the pure part of play and replay-eval: schedules, QoS, restamping, scores."""
+"""bagio.replay, the pure part of play and replay-eval: schedules, QoS, restamping, scores."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 from bagfactory import image_msg, twist_msg, typestore
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability
 
-from malpi_ros.errors import ConfigError
-from malpi_ros.replay import (
+from malpi_ros.bagio.replay import (
     REASONS,
     FramePlan,
     FrameResult,
@@ -31,6 +30,7 @@ from malpi_ros.replay import (
     restamp_cdr,
     schedule,
 )
+from malpi_ros.errors import ConfigError
 
 S = 1_000_000_000  # ns per second
 START = 1000 * S

@@ -27,12 +27,12 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from support import NODE_DIR, SHARE_DIR, ros_env, running, wait_for
 
-from malpi_ros import motor_driver_node, sim_node
 from malpi_ros.errors import ConfigError
-from malpi_ros.image import decode
-from malpi_ros.motor import MotorConfig, mix
+from malpi_ros.nodes import motor_driver_node, sim_node
+from malpi_ros.nodes.sim_node import CommandHold, SimNodeConfig, progress_report, yaw_quaternion
+from malpi_ros.runtime.image import decode
+from malpi_ros.runtime.motor import MotorConfig, mix
 from malpi_ros.sim import CUE_BRANCH, Expert, Pose, SimWorld, twist_to_wheels
-from malpi_ros.sim_node import CommandHold, SimNodeConfig, progress_report, yaw_quaternion
 
 SIM = str(NODE_DIR / 'sim_node')
 DRIVER = str(NODE_DIR / 'motor_driver_node')

@@ -79,7 +79,7 @@ class LiteRTStep:
         if SIGNATURE not in signatures:
             raise BundleError(
                 f'{self.path}: no {SIGNATURE!r} signature (found {sorted(signatures)}); '
-                'the step model must be exported by malpi_ros.export'
+                'the step model must be exported by malpi_ros.learn.export'
             )
         # The runner holds a reference to the interpreter's internals, which makes invoke()
         # refuse to run: take the tensor details and drop it.

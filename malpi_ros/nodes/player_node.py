@@ -7,7 +7,7 @@ with rclpy from pip but no rosbag2 (a training workstation, CI, replay-eval):
 
 - It publishes the stored CDR bytes as they are (``Publisher.publish(bytes)``): nothing is
   deserialized and serialized again, so subscribers see exactly what was recorded.
-- Timing follows the bag's receive times, scaled by ``--rate`` (``malpi_ros.replay.schedule``),
+- Timing follows the bag's receive times, scaled by ``--rate`` (``bagio.replay.schedule``),
   against a monotonic clock: a message that falls behind is sent at once, never dropped, and the
   next ones keep their schedule (the worst lag is reported).
 - QoS: images best effort (sensor data), everything else reliable (``replay.choose_qos`` says
@@ -24,6 +24,7 @@ with rclpy from pip but no rosbag2 (a training workstation, CI, replay-eval):
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
@@ -37,13 +38,10 @@ from rclpy.context import Context
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.publisher import Publisher
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
-from malpi_ros.bags import Bag, describe_topics, open_bag
-from malpi_ros.errors import BagError, ConfigError, MalpiError
-from malpi_ros.record_node import message_class
-from malpi_ros.replay import (
+from malpi_ros.bagio.reader import Bag, describe_topics, open_bag
+from malpi_ros.bagio.replay import (
     PlayConfig,
     PlayStats,
     Throttle,
@@ -52,35 +50,13 @@ from malpi_ros.replay import (
     progress_line,
     schedule,
 )
+from malpi_ros.errors import BagError, ConfigError, MalpiError
+from malpi_ros.nodes.topics import SETTLE, message_class, qos_profile, wait_until
 
 NODE_NAME = 'player_node'
-SETTLE = 0.3  # s after the publisher sees a subscriber (seen: with 0 the first frames were lost)
 LINGER = 0.2  # s after the last message before leaving the graph (seen: else the last was lost)
 ACK_TIMEOUT = 1.0  # s to wait for reliable subscribers to acknowledge the last messages
 POLL = 0.02  # s between graph checks while waiting for subscribers
-MAX_WAIT_STEP = 0.1  # s: the longest uninterrupted sleep (a stop request is seen within it)
-
-
-def qos_profile(qos: TopicQos) -> QoSProfile:
-    """The rclpy profile of a ``TopicQos``."""
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=qos.depth,
-        reliability=ReliabilityPolicy.RELIABLE if qos.reliable else ReliabilityPolicy.BEST_EFFORT,
-        durability=(
-            DurabilityPolicy.TRANSIENT_LOCAL if qos.transient_local else DurabilityPolicy.VOLATILE
-        ),
-    )
-
-
-def wait_until(deadline: float, stop: threading.Event, clock: Callable[[], float]) -> bool:
-    """Sleep until ``clock() >= deadline``; False when ``stop`` was set first."""
-    while True:
-        left = deadline - clock()
-        if left <= 0:
-            return not stop.is_set()
-        if stop.wait(min(left, MAX_WAIT_STEP)):
-            return False
 
 
 class PlayerNode(Node):
@@ -240,18 +216,18 @@ def play(
     return stats
 
 
-def main(args: list[str] | None = None) -> None:
-    """``player_node BAG [play options]``: the ``malpi-ros play`` verb as a node executable."""
-    from malpi_ros.commands import play as command
+def main(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], int],
+    args: list[str] | None = None,
+) -> None:
+    """``player_node BAG [play options]``: the ``malpi-ros play`` verb as a node executable.
 
+    The verb's ``parser`` and ``run`` come from ``commands/play.py`` (``node_main``), so this
+    module never imports the CLI layer."""
     argv = sys.argv[1:] if args is None else list(args)
-    parser = command.build_parser('player_node')
     try:
-        sys.exit(command.run(parser.parse_args(argv)))
+        sys.exit(run(parser.parse_args(argv)))
     except MalpiError as err:
         print(f'player_node: error: {err}', file=sys.stderr)
         sys.exit(1)
-
-
-if __name__ == '__main__':
-    main()

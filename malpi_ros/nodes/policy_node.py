@@ -2,7 +2,7 @@
 
 Example: ``policy_node --ros-args -p bundle:=runs/bundle -r image:=/camera/image_raw``
 
-The ROS glue around ``malpi_ros.policy.Policy`` (DESIGN §1, §4, §5); which frames are stepped
+The ROS glue around ``runtime.policy.Policy`` (DESIGN §1, §4, §5); which frames are stepped
 (``frame_gate``), what is reported (``node_stats``) and the parameters (``policy_node_config``)
 live in pure modules tested without ROS.
 
@@ -53,14 +53,9 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 
-from malpi_ros import image
-from malpi_ros.actions import twist_for
 from malpi_ros.errors import BundleError, ConfigError, DecodeError, MalpiError
-from malpi_ros.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
 from malpi_ros.msg import PolicyOutput
-from malpi_ros.node_stats import NodeStats
-from malpi_ros.policy import Policy
-from malpi_ros.policy_node_config import (
+from malpi_ros.nodes.policy_node_config import (
     CMD_VEL_TOPIC,
     IMAGE_TOPIC,
     NODE_NAME,
@@ -68,7 +63,12 @@ from malpi_ros.policy_node_config import (
     ParamSpec,
     PolicyNodeConfig,
 )
-from malpi_ros.spin_node import freeze_use_sim_time, run_node, steady_timer
+from malpi_ros.nodes.runner import freeze_use_sim_time, run_node, steady_timer
+from malpi_ros.runtime import image
+from malpi_ros.runtime.actions import twist_for
+from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
+from malpi_ros.runtime.node_stats import NodeStats
+from malpi_ros.runtime.policy import Policy
 
 LOG_PERIOD = 2.0  # s between repeated logs of one kind of bad frame or error
 FLUSH_TIMEOUT = 1.0  # s to wait for the final zero Twist to be acknowledged

@@ -2,7 +2,7 @@
 
 Example (no hardware): ``motor_driver_node --ros-args -p backend:=sim -p cmd_timeout:=0.3``
 
-The ROS glue around ``malpi_ros.motor`` (mixing, watchdog and backends live there, tested
+The ROS glue around ``malpi_ros.runtime.motor`` (mixing, watchdog and backends live there, tested
 without ROS). Safety behaviour (DESIGN §5):
 
 - at start, before ``cmd_vel`` is subscribed, the motors are set to zero: a driver that was
@@ -40,7 +40,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Float32MultiArray
 
 from malpi_ros.errors import ConfigError, MotorError
-from malpi_ros.motor import (
+from malpi_ros.nodes.runner import freeze_use_sim_time, run_node, steady_timer
+from malpi_ros.runtime.motor import (
     BACKENDS,
     MotorBackend,
     MotorConfig,
@@ -50,7 +51,6 @@ from malpi_ros.motor import (
     make_backend,
     mix,
 )
-from malpi_ros.spin_node import freeze_use_sim_time, run_node, steady_timer
 
 NODE_NAME = 'motor_driver_node'
 ERROR_LOG_PERIOD = 2.0  # s between repeated backend-error logs

@@ -5,7 +5,7 @@ frame to uint8; label each frame with the latest command at or before ``stamp + 
 episodes at gaps and at dropped frames; cut episodes into windows of ``burn_in + seq_len``
 frames that never cross an episode boundary. The trainer builds its ``tf.data`` on top.
 
-Clock: frames and commands are aligned on the bag's receive times (see ``malpi_ros.bags``);
+Clock: frames and commands are aligned on the bag's receive times (see ``malpi_ros.bagio.reader``);
 image header stamps only serve to measure the frame period ``dt`` when every frame has one.
 
 Frames can be cached on disk (``cache_dir``): one uint8 ``.npy`` per bag, written frame by
@@ -28,12 +28,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from malpi_ros import bags as bagio
 from malpi_ros import diskspace
-from malpi_ros.actions import labels_for
+from malpi_ros.bagio import reader as bagio
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig, to_dict
 from malpi_ros.errors import BagError, DatasetError, DecodeError, StorageError
-from malpi_ros.image import decode, fit_frame
+from malpi_ros.runtime.actions import labels_for
+from malpi_ros.runtime.image import decode, fit_frame
 
 CACHE_VERSION = 1  # bump when what the cache holds, or how frames are made, changes
 MAX_REASONS = 5  # distinct reasons kept per bag for malformed frames (the count is exact)

@@ -29,11 +29,11 @@ from typing import Protocol
 
 import numpy as np
 
-from malpi_ros import image
-from malpi_ros.actions import ActionSelector
-from malpi_ros.bundle import Bundle, load_bundle
 from malpi_ros.config import PolicyConfig
 from malpi_ros.errors import ConfigError
+from malpi_ros.runtime import image
+from malpi_ros.runtime.actions import ActionSelector
+from malpi_ros.runtime.bundle import Bundle, load_bundle
 
 BACKENDS = ('litert', 'keras')
 
@@ -129,11 +129,11 @@ class Policy:
         bundle = load_bundle(path)
         runtime: StepRuntime
         if backend == 'litert':
-            from malpi_ros.runtime_litert import LiteRTStep
+            from malpi_ros.runtime.litert import LiteRTStep
 
             runtime = LiteRTStep(bundle.tflite_path, num_threads=num_threads)
         else:
-            from malpi_ros.runtime_keras import KerasStep  # TensorFlow: only when asked for
+            from malpi_ros.learn.keras_step import KerasStep  # TensorFlow: only when asked for
 
             runtime = KerasStep.from_file(bundle.keras_path, bundle.config.model)
         return cls(runtime, bundle.config, dt=bundle.dt, selector=selector, bundle=bundle)

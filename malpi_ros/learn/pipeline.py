@@ -33,7 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from malpi_ros.config import PreprocessConfig
-from malpi_ros.dataset import (
+from malpi_ros.errors import DatasetError
+from malpi_ros.learn.dataset import (
     PLAN_EPISODE,
     PLAN_LENGTH,
     PLAN_SINCE_RESET,
@@ -41,8 +42,7 @@ from malpi_ros.dataset import (
     Episode,
     chunk_plan,
 )
-from malpi_ros.errors import DatasetError
-from malpi_ros.image import normalize
+from malpi_ros.runtime.image import normalize
 
 
 def class_weights(labels: np.ndarray, num_actions: int, cap: float) -> np.ndarray:

@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from malpi_ros.config import ModelConfig, PreprocessConfig
-from malpi_ros.dataset import Episode
-from malpi_ros.image import normalize
-from malpi_ros.model import SEQUENCE_INPUT, build_carried_model
+from malpi_ros.learn.dataset import Episode
+from malpi_ros.learn.model import SEQUENCE_INPUT, build_carried_model
+from malpi_ros.runtime.image import normalize
 
 
 class CarriedStateTrainer(keras.Model):

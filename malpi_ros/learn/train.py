@@ -28,10 +28,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from malpi_ros import diskspace, plots
-from malpi_ros.bundle import METADATA_FILE, save_bundle
+from malpi_ros import diskspace
 from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
-from malpi_ros.dataset import (
+from malpi_ros.errors import ConfigError, DatasetError
+from malpi_ros.learn import plots
+from malpi_ros.learn.dataset import (
     Episode,
     Recordings,
     Split,
@@ -40,16 +41,17 @@ from malpi_ros.dataset import (
     split_by_episode,
     windows,
 )
-from malpi_ros.errors import ConfigError, DatasetError
-from malpi_ros.metrics import classification_metrics
-from malpi_ros.model import build_sequence_model
-from malpi_ros.pipeline import (
+from malpi_ros.learn.export import save_bundle
+from malpi_ros.learn.metrics import classification_metrics
+from malpi_ros.learn.model import build_sequence_model
+from malpi_ros.learn.pipeline import (
     ChunkSource,
     WindowSource,
     class_weights,
     make_chunk_dataset,
     make_dataset,
 )
+from malpi_ros.runtime.bundle import METADATA_FILE
 
 # Adam's gradient-norm clip (the memory recipe): part of the recipe, not a setting.
 CLIPNORM = 1.0
@@ -393,7 +395,7 @@ def _fit_setup(
     sequence model itself on windows (``zero``), or a ``CarriedStateTrainer`` around it on
     chunk lanes (``carried``); either way training updates ``model``'s weights."""
     if dataset.state == 'carried':
-        from malpi_ros.carried_state import CarriedStateTrainer
+        from malpi_ros.learn.carried_state import CarriedStateTrainer
 
         fit_model: keras.Model = CarriedStateTrainer(policy.model, model, train_cfg.batch_size)
         fit_model.compile(
@@ -419,7 +421,7 @@ def _score(
     scored = prepared.val if prepared.val is not None else prepared.train
     burn = scored.burn_in
     if isinstance(scored, ChunkSource):
-        from malpi_ros.carried_state import predict_episodes
+        from malpi_ros.learn.carried_state import predict_episodes
 
         units = policy.model.lstm_units
         pred = predict_episodes(fit_model.net, scored.episodes, scored.preprocess, units)

@@ -16,8 +16,8 @@ import tensorflow as tf
 
 from malpi_ros.config import ModelConfig, PreprocessConfig
 from malpi_ros.errors import ConfigError
-from malpi_ros.image import normalize
-from malpi_ros.model import load_sequence_model
+from malpi_ros.learn.model import load_sequence_model
+from malpi_ros.runtime.image import normalize
 
 RESET_BATCH = 256  # one-frame sequences per call when every frame starts from a zero state
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from malpi_ros.actions import SELECTION_MODES, ActionSelector
 from malpi_ros.checks import flag, in_range, positive
 from malpi_ros.errors import ConfigError
-from malpi_ros.frame_size import DEFAULT_MAX_FRAME_PIXELS, MAX_FRAME_PIXELS_CAP, check_max_pixels
-from malpi_ros.policy import BACKENDS
+from malpi_ros.runtime.actions import SELECTION_MODES, ActionSelector
+from malpi_ros.runtime.frame_size import (
+    DEFAULT_MAX_FRAME_PIXELS,
+    MAX_FRAME_PIXELS_CAP,
+    check_max_pixels,
+)
+from malpi_ros.runtime.policy import BACKENDS
 
 NODE_NAME = 'policy_node'
 IMAGE_TOPIC = 'image'  # relative: remapped to the camera topic in launch files

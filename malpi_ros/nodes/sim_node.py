@@ -6,7 +6,7 @@ Example (the motor driver's sim backend drives it):
 Each tick of a timer (``rate`` Hz of sim time, ``time_scale`` sim seconds per wall second) the
 world moves ``1 / rate`` s of sim time under the latest command, then the camera frame of the
 new pose is published. A command therefore acts during the period after the frame it answers,
-as when the expert's driving was recorded (``malpi_ros.sim_record``). The timers run on the
+as when the expert's driving was recorded (``malpi_ros.sim.record``). The timers run on the
 steady clock (the pace is set in wall seconds), so ``use_sim_time`` does not freeze the
 simulator; frames are stamped with the node's clock.
 
@@ -34,7 +34,7 @@ as the motor driver's stop at start-up, does not count): a run's clock, laps and
 not depend on how long the policy took to load. ``~/reset`` waits again.
 
 With ``progress_file`` set, every ``~/progress`` message is also written to that file
-(atomically: write beside, then rename), so a process without rclpy (``malpi_ros.demo``) can
+(atomically: write beside, then rename), so a process without rclpy (``malpi_ros.sim.demo``) can
 follow a run. SIGINT and SIGTERM end the node with exit code 0, after a last progress report.
 """
 
@@ -66,11 +66,11 @@ from std_srvs.srv import Trigger
 
 from malpi_ros.checks import int_at_least, positive
 from malpi_ros.errors import ConfigError
-from malpi_ros.image import encode_image_fields
+from malpi_ros.nodes.runner import steady_timer
+from malpi_ros.runtime.image import encode_image_fields
 from malpi_ros.sim.camera import CameraConfig
 from malpi_ros.sim.robot import Pose, RobotConfig
 from malpi_ros.sim.world import SimConfig, SimWorld, StepResult
-from malpi_ros.spin_node import steady_timer
 
 NODE_NAME = 'sim_node'
 INPUTS = ('wheels', 'cmd_vel')

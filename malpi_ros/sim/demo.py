@@ -1,11 +1,11 @@
 """make demo: record the simulator's expert, train on it, let the policy drive, then the ablation.
 
 Example:
-    python -P -m malpi_ros.demo --out demo_runs         # what `make demo` runs
-    python -P -m malpi_ros.demo --laps 5 --bundle demo_runs/<run>/bundle   # drive only
+    python -P -m malpi_ros.sim.demo --out demo_runs         # what `make demo` runs
+    python -P -m malpi_ros.sim.demo --laps 5 --bundle demo_runs/<run>/bundle   # drive only
 
 Steps, everything under ``OUT/<timestamp>/`` (a second run never touches the first):
-1. record expert driving in-process, faster than real time (``malpi_ros.sim_record``), into
+1. record expert driving in-process, faster than real time (``malpi_ros.sim.record``), into
    ``expert_bag/`` (mcap), and print ``malpi-ros inspect`` of it;
 2. ``malpi-ros train expert_bag --out bundle --config config/sim_train.yaml``;
 3. start ``sim_node``, ``policy_node`` (litert) and ``motor_driver_node`` (sim backend) as
@@ -19,7 +19,7 @@ Steps, everything under ``OUT/<timestamp>/`` (a second run never touches the fir
 
 This module never imports rclpy (DESIGN §7): the nodes run as processes, progress comes from
 ``sim_node``'s ``progress_file``, and latencies and trajectories from the recorded bag (read with
-``malpi_ros.bags``). Every process gets ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and the
+``malpi_ros.bagio.reader``). Every process gets ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and the
 ``ROS_DOMAIN_ID`` of the environment (``--domain-id`` overrides it; 42 when neither is set).
 """
 
@@ -42,13 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from malpi_ros import bags as bagio
+from malpi_ros.bagio import reader as bagio
 from malpi_ros.errors import ConfigError, MalpiError
 from malpi_ros.processes import stop_process
 from malpi_ros.sim.plot import plot_trajectories
+from malpi_ros.sim.record import RecordConfig, RecordResult, record_expert
 from malpi_ros.sim.track import get_track
 from malpi_ros.sim.world import SimConfig, SimWorld
-from malpi_ros.sim_record import RecordConfig, RecordResult, record_expert
 
 # Where `make build` installs the executables and the share files (DESIGN §6: into the venv).
 PREFIX = Path(sys.prefix)
@@ -451,7 +451,7 @@ def drive_offline(
     Returns ``SimWorld.summary()`` and the median ``Policy.step`` time (preprocessing and
     model, ms). The policy's actions map onto the sim's by name.
     """
-    from malpi_ros.policy import Policy  # LiteRT only: no TensorFlow in this process
+    from malpi_ros.runtime.policy import Policy  # LiteRT only: no TensorFlow in this process
 
     policy = Policy.from_bundle(bundle, 'litert', num_threads=1)
     world = SimWorld(sim or SimConfig(), seed=seed)
@@ -537,7 +537,7 @@ def plot(run_dir: Path, results: Sequence[DriveResult]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog='python -m malpi_ros.demo',
+        prog='python -m malpi_ros.sim.demo',
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from malpi_ros.config import ModelConfig
-from malpi_ros.model import build_step_model, load_sequence_model
+from malpi_ros.learn.model import build_step_model, load_sequence_model
 
 
 class KerasStep:

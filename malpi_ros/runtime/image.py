@@ -6,7 +6,7 @@ step, is_bigendian, data``), so rclpy messages (``data`` is ``array('B')``), ``r
 (``format`` and ``data``, no ``encoding``) is decoded by its content (PNG or JPEG).
 
 Decoding is bounded: a frame whose declared size is over ``max_pixels`` (a raw frame's
-height x width, a compressed frame's header; ``malpi_ros.frame_size``) is refused before any
+height x width, a compressed frame's header; ``runtime.frame_size``) is refused before any
 pixel is decoded, in the node, in ``inspect`` and in training alike. OpenCV's own log lines are
 switched off at import: every refusal is a ``DecodeError`` with the reason, which the callers
 count and log (throttled) themselves.
@@ -36,7 +36,7 @@ import numpy as np
 
 from malpi_ros.config import PreprocessConfig
 from malpi_ros.errors import ConfigError, DecodeError
-from malpi_ros.frame_size import (
+from malpi_ros.runtime.frame_size import (
     DEFAULT_MAX_FRAME_PIXELS,
     check_data_size,
     check_max_pixels,

@@ -30,12 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from malpi_ros.bundle import Bundle
 from malpi_ros.config import DatasetConfig, PreprocessConfig, from_dict, to_dict
-from malpi_ros.dataset import Episode, Recordings, load_recordings
 from malpi_ros.errors import BundleError, ConfigError
-from malpi_ros.metrics import Agreement, ClassificationMetrics, agreement, classification_metrics
-from malpi_ros.policy import BACKENDS, Policy
+from malpi_ros.learn.dataset import Episode, Recordings, load_recordings
+from malpi_ros.learn.metrics import (
+    Agreement,
+    ClassificationMetrics,
+    agreement,
+    classification_metrics,
+)
+from malpi_ros.runtime.bundle import Bundle
+from malpi_ros.runtime.policy import BACKENDS, Policy
 
 REPORT_FILE = 'report.json'
 TEXT_FILE = 'report.txt'
@@ -346,7 +351,9 @@ def evaluate_bundle(
         log(_describe_data(recordings))
     reference = None
     if parity:
-        from malpi_ros.sequence_runtime import SequenceModel  # TensorFlow: only for the check
+        from malpi_ros.learn.sequence_runtime import (
+            SequenceModel,  # TensorFlow: only for the check
+        )
 
         reference = SequenceModel.from_file(loaded.keras_path, config.model)
 
@@ -443,7 +450,7 @@ def _run_episode(
 
 def write_report(report: EvaluationReport, out: str | Path) -> dict[str, Path]:
     """report.json, report.txt and confusion.png into ``out`` (created); returns the paths."""
-    from malpi_ros.plots import plot_confusion  # matplotlib: only when writing files
+    from malpi_ros.learn.plots import plot_confusion  # matplotlib: only when writing files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ writes, so either tool reads the other's bags:
   when every publisher is; deep history so a burst is not dropped before it is written.
 - Receive times come from the node's clock (``use_sim_time`` is honoured).
 - SIGINT, SIGTERM or ``duration`` stop it; the bag is closed in every case, so it stays valid.
-- The bag survives its recorder (``malpi_ros.recording``): storage files split by duration or
+- The bag survives its recorder (``malpi_ros.bagio.recording``): storage files split by duration or
   size, the open one flushed about every second, ``metadata.yaml`` listing every closed file.
   A crash loses at most what the open file received since its last flush, and ``malpi-ros
   recover`` rebuilds that file. The first write error (a full disk) stops the recording; the
@@ -31,15 +31,11 @@ record while they do something else (replay-eval); ``record(...)`` is the blocki
 
 from __future__ import annotations
 
-import importlib
-import os
-import sqlite3
+import argparse
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,315 +45,19 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.qos import (
-    DurabilityPolicy,
-    HistoryPolicy,
-    QoSProfile,
     ReliabilityPolicy,
 )
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
-from rosbags.interfaces import (
-    Qos,
-    QosDurability,
-    QosHistory,
-    QosLiveliness,
-    QosReliability,
-    QosTime,
-)
-from rosbags.rosbag2 import WriterError
-from rosbags.typesys import Stores, TypesysError, get_types_from_msg, get_typestore
-from rosbags.typesys.base import Nodetype
 
 from malpi_ros import diskspace
+from malpi_ros.bagio.recording import FLUSH_PERIOD, STORAGES
+from malpi_ros.bagio.writer import BagSink, Definitions, RecordSummary
 from malpi_ros.errors import BagError, ConfigError
-from malpi_ros.recording import FLUSH_PERIOD, STORAGES, SplitWriter, Topic
+from malpi_ros.nodes.topics import announced_rihs01, message_class, subscription_qos, to_bag_qos
 from malpi_ros.signals import stop_on_signals
 
 NODE_NAME = 'record_node'
-DEPTH = 100  # subscription history: room for a burst while the writer is busy
-_INFINITE_NS = 2**63 - 1  # rmw's "infinite" duration
-_INFINITE_QOS_TIME = QosTime(2147483647, 4294967295)  # how rosbag2 writes it
-
-
-# -- what goes into the bag besides the bytes ---------------------------------------------------
-
-
-class Definitions:
-    """Message definitions and RIHS01 hashes for bag connections, by type name.
-
-    Types of the Kilted typestore are known at once; others (our ``malpi_ros/msg/...``, or any
-    installed package's) are read from ``<prefix>/share/<pkg>/msg/<Name>.msg`` the first time
-    they are asked for, with the types they use, and added to the store.
-    """
-
-    def __init__(self, search: Sequence[Path] = ()) -> None:
-        self.store = get_typestore(getattr(Stores, 'ROS2_KILTED', Stores.LATEST))
-        self._search = list(search)
-
-    def definition(self, msgtype: str) -> tuple[str, str]:
-        """(msgdef text, RIHS01 hash) of ``msgtype``; BagError when it cannot be found."""
-        self._ensure(msgtype, [])
-        try:
-            msgdef, _ = self.store.generate_msgdef(msgtype, ros_version=2)
-            return msgdef, self.store.hash_rihs01(msgtype)
-        except (TypesysError, KeyError) as err:
-            raise BagError(f'no usable message definition of {msgtype}: {err}') from err
-
-    def _ensure(self, msgtype: str, chain: list[str]) -> None:
-        if msgtype in self.store.fielddefs or msgtype in chain:
-            return
-        text = self._msg_file(msgtype).read_text()
-        try:
-            types = get_types_from_msg(text, msgtype)
-        except TypesysError as err:
-            raise BagError(f'cannot parse the definition of {msgtype}: {err}') from err
-        for _, fields in types.values():
-            for _, (kind, detail) in fields:
-                for nested in _nested_names(kind, detail):
-                    self._ensure(nested, [*chain, msgtype])
-        self.store.register(types)
-
-    def _msg_file(self, msgtype: str) -> Path:
-        package, kind, name = _split_type(msgtype)
-        candidates = []
-        for prefix in self._prefixes(package):
-            candidates.append(prefix / 'share' / package / kind / f'{name}.{kind}')
-        for path in candidates:
-            if path.is_file():
-                return path
-        raise BagError(
-            f'no definition of {msgtype}: not in the Kilted typestore and none of '
-            f'{", ".join(str(p) for p in candidates) or "(no install prefix found)"} exists'
-        )
-
-    def _prefixes(self, package: str) -> list[Path]:
-        prefixes = [Path(p) for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep)]
-        prefixes += [*self._search, Path(sys.prefix)]
-        # The prefix a package's Python code is installed under: <prefix>/lib/pythonX.Y/...
-        with suppress(ImportError, AttributeError, TypeError):
-            module = importlib.import_module(package)
-            for location in getattr(module, '__path__', []):
-                parts = Path(location).resolve().parts
-                if 'lib' in parts:
-                    prefixes.append(Path(*parts[: len(parts) - parts[::-1].index('lib') - 1]))
-        return [p for p in dict.fromkeys(prefixes) if str(p) not in ('', '.')]
-
-
-def _nested_names(kind: Any, detail: Any) -> list[str]:
-    if kind == Nodetype.NAME:
-        return [detail]
-    if kind in (Nodetype.ARRAY, Nodetype.SEQUENCE):
-        return _nested_names(*detail[0])
-    return []
-
-
-def _split_type(msgtype: str) -> tuple[str, str, str]:
-    parts = msgtype.split('/')
-    if len(parts) != 3 or not all(parts):
-        raise BagError(f'not a ROS 2 type name (pkg/msg/Name): {msgtype!r}')
-    return parts[0], parts[1], parts[2]
-
-
-def message_class(msgtype: str) -> type:
-    """The rclpy message class of ``pkg/msg/Name`` (needed for type support, even when raw)."""
-    package, kind, name = _split_type(msgtype)
-    try:
-        return getattr(importlib.import_module(f'{package}.{kind}'), name)
-    except (ImportError, AttributeError) as err:
-        raise BagError(
-            f'cannot subscribe to {msgtype}: its Python package is missing: {err}'
-        ) from err
-
-
-def _qos_time(duration: Any) -> QosTime:
-    ns = int(getattr(duration, 'nanoseconds', duration))
-    if ns >= _INFINITE_NS or ns < 0:
-        return _INFINITE_QOS_TIME
-    return QosTime(ns // 1_000_000_000, ns % 1_000_000_000)
-
-
-def _enum(cls: Any, policy: Any, default: Any) -> Any:
-    try:
-        return cls(int(policy))
-    except ValueError:
-        return default
-
-
-def to_bag_qos(profile: QoSProfile) -> Qos:
-    """An rclpy QoS profile as rosbags writes it into the bag's metadata."""
-    return Qos(
-        history=_enum(QosHistory, profile.history, QosHistory.UNKNOWN),
-        depth=int(profile.depth),
-        reliability=_enum(QosReliability, profile.reliability, QosReliability.UNKNOWN),
-        durability=_enum(QosDurability, profile.durability, QosDurability.UNKNOWN),
-        deadline=_qos_time(profile.deadline),
-        lifespan=_qos_time(profile.lifespan),
-        liveliness=_enum(QosLiveliness, profile.liveliness, QosLiveliness.UNKNOWN),
-        liveliness_lease_duration=_qos_time(profile.liveliness_lease_duration),
-        avoid_ros_namespace_conventions=bool(profile.avoid_ros_namespace_conventions),
-    )
-
-
-def subscription_qos(offered: Sequence[QoSProfile]) -> QoSProfile:
-    """The QoS that receives from every publisher: reliable/transient-local only if all are."""
-    reliable = bool(offered) and all(p.reliability == ReliabilityPolicy.RELIABLE for p in offered)
-    latched = bool(offered) and all(
-        p.durability == DurabilityPolicy.TRANSIENT_LOCAL for p in offered
-    )
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=DEPTH,
-        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
-        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
-    )
-
-
-def _rihs01(type_hash: Any) -> str | None:
-    """'RIHS01_<hex>' of an rclpy TypeHash, or None when the publisher announced none."""
-    if type_hash is None or getattr(type_hash, 'version', -1) != 1:
-        return None
-    value = bytes(type_hash.value)
-    return f'RIHS01_{value.hex()}' if any(value) else None
-
-
-# -- the bag ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TopicRecord:
-    """One recorded topic: its type, the hash stored, and how many messages were written."""
-
-    topic: str
-    msgtype: str
-    rihs01: str
-    count: int
-    qos: str  # 'reliable' or 'best_effort': what the subscription used
-    note: str = ''  # e.g. a type hash that differs from the local definition
-
-
-@dataclass(frozen=True)
-class RecordSummary:
-    """What a recording holds when it is closed."""
-
-    path: Path
-    storage: str
-    duration: float  # s from start to stop
-    topics: tuple[TopicRecord, ...]
-    missing: tuple[str, ...]  # asked for, never seen on the graph
-    write_errors: int  # messages not recorded after the recording failed
-    error: str = ''  # why the recording stopped early, if it did
-    unfinished: str = ''  # the last file, when it could not be finished (recover rebuilds it)
-
-    @property
-    def messages(self) -> int:
-        return sum(t.count for t in self.topics)
-
-    def describe(self) -> str:
-        lines = [
-            f'{self.path}: {self.messages} messages on {len(self.topics)} topics in '
-            f'{self.duration:.1f} s ({self.storage})'
-        ]
-        for t in self.topics:
-            note = f'  [{t.note}]' if t.note else ''
-            lines.append(f'  {t.topic}: {t.msgtype} x{t.count} ({t.qos}){note}')
-        for topic in self.missing:
-            lines.append(f'  {topic}: never published while recording (not in the bag)')
-        if self.error:  # one line: why, what was lost, what to do
-            lost = (
-                f'; {self.write_errors} later messages not recorded' if self.write_errors else ''
-            )
-            rest = (
-                f'; {self.unfinished} is unfinished: `malpi-ros recover {self.path}` rebuilds '
-                'it once there is room'
-                if self.unfinished
-                else ''
-            )
-            lines.append(
-                f'  recording stopped early: {self.error}{lost}; the bag holds what is listed '
-                f'above{rest}'
-            )
-        return '\n'.join(lines)
-
-
-class BagSink:
-    """Where the node's messages go: a ``recording.SplitWriter`` (split, flushed as it goes),
-    plus what was written per topic. Closed exactly once.
-
-    One thread opens, writes and closes it (the executor's thread in ``Recorder``): the
-    sqlite3 storage refuses a connection used from another thread than the one that made it.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        storage: str = 'mcap',
-        *,
-        max_duration: float | None = None,
-        max_bytes: int | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.storage = storage
-        if self.path.exists():
-            raise BagError(f'output bag {self.path} exists already; not overwriting it')
-        self._writer = SplitWriter(
-            self.path, storage, max_duration=max_duration, max_bytes=max_bytes
-        )
-        self.records: dict[str, dict[str, Any]] = {}
-        self.opened = False
-        self.closed = False
-
-    def open(self) -> None:
-        self._writer.open()
-        self.opened = True
-
-    def add_topic(
-        self,
-        topic: str,
-        msgtype: str,
-        msgdef: str,
-        rihs01: str,
-        offered: Sequence[Qos],
-        qos: str,
-        note: str = '',
-    ) -> None:
-        self._writer.add_topic(Topic(topic, msgtype, msgdef, rihs01, tuple(offered)))
-        self.records[topic] = {
-            'msgtype': msgtype,
-            'rihs01': rihs01,
-            'count': 0,
-            'qos': qos,
-            'note': note,
-        }
-
-    def write(self, topic: str, t_ns: int, data: bytes) -> None:
-        self._writer.write(topic, t_ns, data)
-        self.records[topic]['count'] += 1
-
-    def flush(self) -> None:
-        if self.opened and not self.closed:
-            self._writer.flush()
-
-    def close(self) -> None:
-        """Close the open split and list it in metadata.yaml (the closed ones already are)."""
-        if self.opened and not self.closed:
-            self.closed = True
-            try:
-                self._writer.close()
-            except (WriterError, OSError, sqlite3.Error) as err:
-                raise BagError(f'bag {self.path}: error while closing: {err}') from err
-
-    @property
-    def unfinished(self) -> str:
-        """The split a failed close left in its .open directory ('' when none)."""
-        return self._writer.unfinished
-
-    def topic_records(self) -> tuple[TopicRecord, ...]:
-        """What a reader of the bag finds: the messages of the listed (closed) files."""
-        readable = self._writer.closed_counts
-        return tuple(
-            TopicRecord(topic, **{**fields, 'count': readable.get(topic, 0)})
-            for topic, fields in self.records.items()
-        )
 
 
 # -- the node ---------------------------------------------------------------------------------
@@ -441,7 +141,7 @@ class RecordNode(Node):
         offered = [info.qos_profile for info in publishers]
         msg_class = message_class(msgtype)
         msgdef, local_hash = self._definitions.definition(msgtype)
-        announced = {h for h in (_rihs01(i.topic_type_hash) for i in publishers) if h}
+        announced = {h for h in (announced_rihs01(i.topic_type_hash) for i in publishers) if h}
         rihs01 = sorted(announced)[0] if announced else local_hash
         if announced and local_hash not in announced:
             mismatch = (
@@ -693,12 +393,13 @@ def record(
     return summary
 
 
-def main(args: list[str] | None = None) -> None:
-    """``record_node --out BAG --topics /a /b [--duration S] [--storage S] [--ros-args ...]``."""
-    from malpi_ros.commands import record as command
+def main(parser: argparse.ArgumentParser, args: list[str] | None = None) -> None:
+    """``record_node --out BAG --topics /a /b [--duration S] [--storage S] [--ros-args ...]``.
 
+    ``parser`` is the ``malpi-ros record`` verb's (``commands/record.py``'s ``node_main``
+    passes it), so this module never imports the CLI layer."""
     argv = list(sys.argv if args is None else ['record_node', *args])
-    parsed = command.build_parser('record_node').parse_args(remove_ros_args(argv)[1:])
+    parsed = parser.parse_args(remove_ros_args(argv)[1:])
     try:
         summary = record(
             parsed.out,
@@ -716,7 +417,3 @@ def main(args: list[str] | None = None) -> None:
     print(summary.describe())
     if summary.error:
         sys.exit(1)
-
-
-if __name__ == '__main__':
-    main()

@@ -1,7 +1,7 @@
 """Write the model files of a bundle: the Keras sequence model and the LiteRT step model.
 
-The only bundle code that needs TensorFlow; ``bundle.save_bundle`` imports it lazily so the
-robot, which only loads bundles, never pays for TensorFlow.
+``save_bundle`` is here, not in ``runtime/bundle.py``: writing needs TensorFlow, and the
+robot, which only loads bundles, must never pay for it.
 
 Conversion route: the step model is tracked by a Keras ``ExportArchive`` with one endpoint
 (fixed batch 1, named inputs ``frame, h, c`` and outputs ``probs, h_next, c_next``), written as
@@ -13,8 +13,13 @@ have the same shape). ``from_concrete_functions`` once wrote a file without weig
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
+import shutil
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +27,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from malpi_ros.bundle import KERAS_FILE, TFLITE_FILE
-from malpi_ros.config import PolicyConfig
-from malpi_ros.errors import BundleError
-from malpi_ros.model import build_step_model
-from malpi_ros.runtime_litert import SIGNATURE, LiteRTStep
+import malpi_ros
+from malpi_ros.config import PolicyConfig, to_dict
+from malpi_ros.errors import BundleError, ConfigError
+from malpi_ros.learn.model import build_step_model
+from malpi_ros.runtime import bundle
+from malpi_ros.runtime.bundle import KERAS_FILE, TFLITE_FILE
+from malpi_ros.runtime.litert import SIGNATURE, LiteRTStep
 
 # float32 LiteRT (XNNPACK) vs Keras after a few chained steps: seen ~3e-8; anything near this
 # bound is a broken conversion, not rounding.
@@ -120,3 +127,88 @@ def write_model_files(
             'python': sys.version.split()[0],
         },
     }
+
+
+def save_bundle(
+    path: str | Path,
+    sequence_model: Any,
+    config: PolicyConfig,
+    *,
+    dt: float,
+    seq_len: int,
+    sources: Sequence[Mapping[str, Any]] = (),
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str | Path] | None = None,
+) -> Path:
+    """Write a bundle to ``path`` atomically; returns the path.
+
+    Everything is written into a temp dir beside ``path`` and swapped in by rename, so a crash
+    leaves the previous bundle intact. An existing ``path`` is replaced only if it is a bundle
+    (has ``metadata.json``) or empty: a wrong ``--out`` must not delete someone's directory.
+    ``sources``: one dict per training bag (e.g. path and sha256). ``metrics`` and ``extra``
+    must be JSON-serializable (no NaN). ``extra_files``: name in the bundle -> file to copy
+    there (training curves, reports); listed with their sha256 under ``extra_files`` in the
+    metadata, for provenance (the loader does not need them).
+    """
+    path = Path(path)
+    if not isinstance(config, PolicyConfig):
+        raise ConfigError(f'config must be a PolicyConfig, got {type(config).__name__}')
+    if isinstance(dt, bool) or not isinstance(dt, int | float) or not (0 < dt < math.inf):
+        raise ConfigError(f'dt must be a finite number of seconds > 0, got {dt!r}')
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f'seq_len must be an integer >= 1, got {seq_len!r}')
+    if not all(isinstance(s, Mapping) for s in sources):
+        raise ConfigError(f'sources must be a list of dicts, got {list(sources)!r}')
+    metadata: dict[str, Any] = {
+        'format': bundle.FORMAT,
+        'format_version': bundle.FORMAT_VERSION,
+        'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+        'config': to_dict(config),
+        'kind': config.kind,  # 'lstm' (state carried) or 'window' (config.window frames)
+        'dt': float(dt),
+        'seq_len': seq_len,
+        'action_table': [
+            {'name': a.name, 'linear_x': a.linear_x, 'angular_z': a.angular_z}
+            for a in config.actions.actions
+        ],
+        'sources': [dict(s) for s in sources],
+        'metrics': dict(metrics or {}),
+        'extra': dict(extra or {}),
+    }
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f'bundle metadata is not JSON-serializable: {err}') from err
+    copies = bundle.check_extra_files(extra_files or {})
+    bundle.check_replaceable(path)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bundle.recover_leftovers(path)
+    tmp = bundle.leftover_name(path, 'tmp')
+    tmp.mkdir()
+    try:
+        bundle.checkpoint('created')
+        parts = write_model_files(tmp, sequence_model, config)
+        bundle.checkpoint('model-files')
+        metadata['versions'] = {
+            'malpi_ros': malpi_ros.__version__,
+            'python': sys.version.split()[0],
+            **parts['versions'],
+        }
+        metadata['tflite_io'] = parts['tflite_io']
+        for name, source in copies.items():
+            shutil.copyfile(source, tmp / name)
+        bundle.checkpoint('extra-files')
+        metadata['files'] = {name: bundle.file_entry(tmp / name) for name in bundle.MODEL_FILES}
+        metadata['extra_files'] = {name: bundle.file_entry(tmp / name) for name in copies}
+        metadata[bundle.CHECKSUM_FIELD] = bundle.metadata_digest(metadata)
+        bundle.check_metadata(tmp / bundle.METADATA_FILE, metadata)  # what we write, we can load
+        bundle.write_json(tmp / bundle.METADATA_FILE, metadata)
+        bundle.fsync_tree(tmp)
+        bundle.checkpoint('metadata')
+        bundle.swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,7 +1,7 @@
 """Record the simulator's expert as an ordinary rosbag2 (mcap): training data without a robot.
 
 Example:
-    from malpi_ros.sim_record import RecordConfig, record_expert
+    from malpi_ros.sim.record import RecordConfig, record_expert
     result = record_expert('runs/expert_bag', RecordConfig(episodes=8, laps=3))
     print(result.frames, result.summaries)
 
@@ -59,7 +59,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from malpi_ros.checks import int_at_least, non_negative, positive
 from malpi_ros.errors import BagError, ConfigError
-from malpi_ros.image import encode_image_fields
+from malpi_ros.runtime.image import encode_image_fields
 from malpi_ros.sim.world import SimConfig, SimWorld
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'

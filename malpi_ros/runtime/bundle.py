@@ -6,31 +6,29 @@ period ``dt`` and window length it was trained at, the training bags with their 
 versions, file checksums and the LiteRT I/O). DESIGN §3.
 
 Loading never imports TensorFlow (the robot's LiteRT process must not pay for it). Saving needs
-it to write the model files; that part lives in ``export.py`` and is imported only by
-``save_bundle``. A bundle that is missing, truncated or inconsistent is refused with a
-``BundleError`` naming the file and the field.
+it to write the model files, so ``save_bundle`` lives in ``learn/export.py``; the atomic swap,
+the checks and the metadata it writes are here, beside the loader that reads them.
+A bundle that is missing, truncated or inconsistent is refused with a ``BundleError`` naming
+the file and the field.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import datetime
 import errno
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import malpi_ros
-from malpi_ros.config import PolicyConfig, from_dict, to_dict
+from malpi_ros.config import PolicyConfig, from_dict
 from malpi_ros.errors import BundleError, ConfigError
 
 FORMAT = 'malpi_ros.bundle'
@@ -65,93 +63,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def save_bundle(
-    path: str | Path,
-    sequence_model: Any,
-    config: PolicyConfig,
-    *,
-    dt: float,
-    seq_len: int,
-    sources: Sequence[Mapping[str, Any]] = (),
-    metrics: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    extra_files: Mapping[str, str | Path] | None = None,
-) -> Path:
-    """Write a bundle to ``path`` atomically; returns the path.
-
-    Everything is written into a temp dir beside ``path`` and swapped in by rename, so a crash
-    leaves the previous bundle intact. An existing ``path`` is replaced only if it is a bundle
-    (has ``metadata.json``) or empty: a wrong ``--out`` must not delete someone's directory.
-    ``sources``: one dict per training bag (e.g. path and sha256). ``metrics`` and ``extra``
-    must be JSON-serializable (no NaN). ``extra_files``: name in the bundle -> file to copy
-    there (training curves, reports); listed with their sha256 under ``extra_files`` in the
-    metadata, for provenance (the loader does not need them).
-    """
-    path = Path(path)
-    if not isinstance(config, PolicyConfig):
-        raise ConfigError(f'config must be a PolicyConfig, got {type(config).__name__}')
-    if isinstance(dt, bool) or not isinstance(dt, int | float) or not (0 < dt < math.inf):
-        raise ConfigError(f'dt must be a finite number of seconds > 0, got {dt!r}')
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ConfigError(f'seq_len must be an integer >= 1, got {seq_len!r}')
-    if not all(isinstance(s, Mapping) for s in sources):
-        raise ConfigError(f'sources must be a list of dicts, got {list(sources)!r}')
-    metadata: dict[str, Any] = {
-        'format': FORMAT,
-        'format_version': FORMAT_VERSION,
-        'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-        'config': to_dict(config),
-        'kind': config.kind,  # 'lstm' (state carried) or 'window' (config.window frames)
-        'dt': float(dt),
-        'seq_len': seq_len,
-        'action_table': [
-            {'name': a.name, 'linear_x': a.linear_x, 'angular_z': a.angular_z}
-            for a in config.actions.actions
-        ],
-        'sources': [dict(s) for s in sources],
-        'metrics': dict(metrics or {}),
-        'extra': dict(extra or {}),
-    }
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f'bundle metadata is not JSON-serializable: {err}') from err
-    copies = _check_extra_files(extra_files or {})
-    _check_replaceable(path)
-
-    from malpi_ros import export  # TensorFlow: only when writing
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_leftovers(path)
-    tmp = _leftover_name(path, 'tmp')
-    tmp.mkdir()
-    try:
-        _checkpoint('created')
-        parts = export.write_model_files(tmp, sequence_model, config)
-        _checkpoint('model-files')
-        metadata['versions'] = {
-            'malpi_ros': malpi_ros.__version__,
-            'python': sys.version.split()[0],
-            **parts['versions'],
-        }
-        metadata['tflite_io'] = parts['tflite_io']
-        for name, source in copies.items():
-            shutil.copyfile(source, tmp / name)
-        _checkpoint('extra-files')
-        metadata['files'] = {name: _file_entry(tmp / name) for name in MODEL_FILES}
-        metadata['extra_files'] = {name: _file_entry(tmp / name) for name in copies}
-        metadata[CHECKSUM_FIELD] = metadata_digest(metadata)
-        _check_metadata(tmp / METADATA_FILE, metadata)  # what we write, we can load
-        _write_json(tmp / METADATA_FILE, metadata)
-        _fsync_tree(tmp)
-        _checkpoint('metadata')
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def metadata_digest(metadata: Mapping[str, Any]) -> str:
     """sha256 of the metadata as canonical JSON (sorted keys, no spaces), its own field left
     out: an edited ``dt`` or action table no longer loads silently. Not a signature: anyone
@@ -161,15 +72,15 @@ def metadata_digest(metadata: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _checkpoint(step: str) -> None:
+def checkpoint(step: str) -> None:
     """A named step of ``save_bundle``; tests replace this to fail (or look) at each step."""
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
+def file_entry(path: Path) -> dict[str, Any]:
     return {'sha256': sha256_file(path), 'bytes': path.stat().st_size}
 
 
-def _check_extra_files(extra_files: Mapping[str, str | Path]) -> dict[str, Path]:
+def check_extra_files(extra_files: Mapping[str, str | Path]) -> dict[str, Path]:
     """Plain, non-clashing names of existing files: checked before anything is written."""
     reserved = {METADATA_FILE, *MODEL_FILES}
     copies = {}
@@ -190,7 +101,7 @@ def _check_extra_files(extra_files: Mapping[str, str | Path]) -> dict[str, Path]
     return copies
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
     if not path.exists():
         return
     if not path.is_dir():
@@ -201,7 +112,7 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     with path.open('w') as f:
         json.dump(data, f, indent=2, allow_nan=False)
         f.write('\n')
@@ -216,7 +127,7 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _LEFTOVER_KINDS = ('tmp', 'old')
 
 
-def _leftover_name(path: Path, kind: str) -> Path:
+def leftover_name(path: Path, kind: str) -> Path:
     """``.NAME.tmp-PID-HEX`` beside ``path``: the pid tells a crashed save from a running one."""
     return path.parent / f'.{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}'
 
@@ -241,7 +152,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f'cannot swap {a} and {b}: {os.strerror(code)}')
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
+def swap_in(tmp: Path, path: Path) -> None:
     """Replace ``path`` by ``tmp``; the old bundle, swapped out to ``tmp``'s name, is deleted.
 
     With ``renameat2(RENAME_EXCHANGE)`` the two directories trade places in one step, so
@@ -252,20 +163,20 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if not path.exists():
         tmp.rename(path)
     elif _exchange(tmp, path):
-        _checkpoint('swapped')
+        checkpoint('swapped')
         shutil.rmtree(tmp, ignore_errors=True)
     else:
-        old = _leftover_name(path, 'old')
+        old = leftover_name(path, 'old')
         path.rename(old)
-        _checkpoint('old-aside')
+        checkpoint('old-aside')
         try:
             tmp.rename(path)
         except BaseException:
             old.rename(path)
             raise
-        _checkpoint('swapped')
+        checkpoint('swapped')
         shutil.rmtree(old, ignore_errors=True)
-    _checkpoint('cleaned')
+    checkpoint('cleaned')
     _fsync_dir(path.parent)
 
 
@@ -278,7 +189,7 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _fsync_tree(directory: Path) -> None:
+def fsync_tree(directory: Path) -> None:
     """Every file of the new bundle on disk before it is swapped in (a power cut after the
     swap must not leave a bundle of empty files)."""
     for file in directory.iterdir():
@@ -366,7 +277,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, recover: bool = True) 
     meta_path = path / METADATA_FILE
     metadata = _read_metadata(meta_path)
     try:
-        config = _check_metadata(meta_path, metadata)
+        config = check_metadata(meta_path, metadata)
         digest = metadata_digest(metadata)
     except (RecursionError, ValueError) as err:
         raise BundleError(f'{meta_path}: cannot check its content: {err}') from err
@@ -447,7 +358,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_metadata(meta_path: Path, metadata: Any) -> PolicyConfig:
+def check_metadata(meta_path: Path, metadata: Any) -> PolicyConfig:
     """Every field present with its type, the config valid and consistent with the rest."""
 
     def bad(field: str, why: str) -> BundleError:

@@ -56,18 +56,8 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from malpi_ros import bags as bagio
-from malpi_ros.bundle import load_bundle
-from malpi_ros.errors import ConfigError, MalpiError
-from malpi_ros.evaluate import EvaluationReport, evaluate_bundle
-from malpi_ros.frame_gate import LATE, SKIPPED, FrameGate
-from malpi_ros.msg import PolicyOutput
-from malpi_ros.player_node import SETTLE, qos_profile, wait_until
-from malpi_ros.policy_node_config import NODE_NAME as POLICY_NODE
-from malpi_ros.policy_node_config import PARAMETERS
-from malpi_ros.processes import stop_process
-from malpi_ros.record_node import Recorder
-from malpi_ros.replay import (
+from malpi_ros.bagio import reader as bagio
+from malpi_ros.bagio.replay import (
     FramePlan,
     FrameResult,
     ReplayEvalConfig,
@@ -78,6 +68,16 @@ from malpi_ros.replay import (
     node_arguments,
     restamp_cdr,
 )
+from malpi_ros.errors import ConfigError, MalpiError
+from malpi_ros.learn.evaluate import EvaluationReport, evaluate_bundle
+from malpi_ros.msg import PolicyOutput
+from malpi_ros.nodes.policy_node_config import NODE_NAME as POLICY_NODE
+from malpi_ros.nodes.policy_node_config import PARAMETERS
+from malpi_ros.nodes.record_node import Recorder
+from malpi_ros.nodes.topics import SETTLE, qos_profile, wait_until
+from malpi_ros.processes import stop_process
+from malpi_ros.runtime.bundle import load_bundle
+from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate
 
 NODE_NAME = 'replay_eval'
 RUN_BAG = 'run_bag'
@@ -241,7 +241,7 @@ def policy_node_command() -> list[str]:
     """How to start the installed policy_node with this interpreter.
 
     ``<prefix>/lib/malpi_ros/policy_node`` (where ``ros2 run`` finds it) of this environment
-    or an ``AMENT_PREFIX_PATH`` entry; ``python -m malpi_ros.policy_node`` if none exists.
+    or an ``AMENT_PREFIX_PATH`` entry; ``python -m malpi_ros.nodes.policy_node`` if none exists.
     """
     prefixes = [Path(sys.prefix)]
     prefixes += [Path(p) for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
@@ -249,7 +249,7 @@ def policy_node_command() -> list[str]:
         exe = prefix / 'lib' / 'malpi_ros' / POLICY_NODE
         if exe.is_file():
             return [sys.executable, str(exe)]
-    return [sys.executable, '-m', 'malpi_ros.policy_node']
+    return [sys.executable, '-m', 'malpi_ros.nodes.policy_node']
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -439,7 +439,7 @@ def replay_eval(
             with _Graph(cfg, compressed) as node:
                 interrupted = not _wait_ready(node, recorder, proc, cfg, stop, node_log)
                 if not interrupted:
-                    stop.wait(SETTLE)  # the node's side of the image match (player_node.SETTLE)
+                    stop.wait(SETTLE)  # the node's side of the image match (topics.SETTLE)
                     say(
                         f'replaying {len(plans)} frames of {len(evaluation.episodes)} episode(s) '
                         f'({"realtime" if cfg.realtime else "lockstep"}) into {out / RUN_BAG}'

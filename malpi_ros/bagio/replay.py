@@ -14,7 +14,7 @@ without one:
   and offline runtime differ, with the reason), ``plot_replay`` (the PNG).
 
 Timing follows the bag's *receive* times (the recorder's clock, one clock for every topic; see
-``malpi_ros.bags``), scaled by ``rate``: a message received ``t`` s into the bag is published
+``bagio.reader``), scaled by ``rate``: a message received ``t`` s into the bag is published
 ``t / rate`` s after playback starts.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from malpi_ros.bags import IMAGE_TYPES
+from malpi_ros.bagio.reader import IMAGE_TYPES
 from malpi_ros.errors import ConfigError
 
 # Topics of these types are published best effort (sensor-data QoS), as camera drivers do.
@@ -292,7 +292,7 @@ class ReplayEvalConfig:
     node_params: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        from malpi_ros.policy import BACKENDS
+        from malpi_ros.runtime.policy import BACKENDS
 
         if self.backend not in BACKENDS:
             raise ConfigError(
