@@ -103,3 +103,27 @@ def limit_file_size(max_bytes: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
     return apply
+
+
+def stale_install(source: Path, installed: Path) -> list[str]:
+    """Files of the source tree ``source`` that differ from the installed copy ``installed``.
+
+    Tests import the installed package (CMake copies), so an edit not yet installed would be
+    silently left untested: every ``.py`` here must match byte for byte, and no ``.py`` may be
+    installed that the sources no longer have (a moved module would otherwise keep working).
+    The generated messages (``msg/``) exist only in the install and are left out."""
+    if source.resolve() == installed.resolve():
+        return []
+    differ = []
+    for src in sorted(source.rglob('*.py')):
+        rel = src.relative_to(source)
+        dst = installed / rel
+        if not dst.is_file():
+            differ.append(f'{rel} (not installed)')
+        elif dst.read_bytes() != src.read_bytes():
+            differ.append(f'{rel} (changed)')
+    for dst in sorted(installed.rglob('*.py')):
+        rel = dst.relative_to(installed)
+        if rel.parts[0] != 'msg' and not (source / rel).is_file():
+            differ.append(f'{rel} (installed, not in the sources)')
+    return differ
