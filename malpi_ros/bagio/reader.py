@@ -373,7 +373,7 @@ def _topic_info(topic: str, msgtype: str, stamps: np.ndarray) -> TopicInfo:
     count = len(stamps)
     first = float(stamps[0]) if count else None
     last = float(stamps[-1]) if count else None
-    span = (last - first) if count else 0.0
+    span = (last - first) if last is not None and first is not None else 0.0
     rate = (count - 1) / span if count >= 2 and span > 0 else None
     max_gap = float(np.diff(stamps).max()) if count >= 2 else 0.0
     return TopicInfo(topic, msgtype, count, first, last, rate, max_gap, stamps)

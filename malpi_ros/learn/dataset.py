@@ -424,7 +424,7 @@ class _FrameSink:
                 try:
                     new = _open_cache_file(grown, (2 * len(old), *self.shape))
                     new[: len(old)] = old
-                    new.flush()
+                    new.flush()  # type: ignore[attr-defined]  # a np.memmap
                 except BaseException:
                     with contextlib.suppress(OSError):
                         grown.unlink()

@@ -154,6 +154,7 @@ def accuracy_since_reset(
     bounds = [0, *edges, None]
     out = []
     for low, high in itertools.pairwise(bounds):
+        assert low is not None  # only the last bound is open
         inside = chosen & (steps > low) & ((steps <= high) if high is not None else True)
         out.append(SinceResetBucket(low + 1, high, int(right[inside].sum()), int(inside.sum())))
     return tuple(out)
@@ -198,7 +199,7 @@ class EvaluationReport:
                 )
 
     def step_ms(self) -> dict[str, float]:
-        times = np.concatenate([e.step_ms for e in self.episodes]) if self.episodes else []
+        times: Any = np.concatenate([e.step_ms for e in self.episodes]) if self.episodes else []
         if len(times) == 0:
             return {'median': 0.0, 'p99': 0.0}
         return {

@@ -10,6 +10,7 @@ only when the check is asked for.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -72,4 +73,5 @@ class SequenceModel:
         return np.concatenate(out)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model(tf.constant(x), training=False), np.float32)
+        model: Any = self.model
+        return np.asarray(model(tf.constant(x), training=False), np.float32)

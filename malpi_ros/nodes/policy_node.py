@@ -229,7 +229,7 @@ class PolicyNode(Node):
         started = time.perf_counter_ns()  # per-stage times for /diagnostics (~1 us to take)
         clock = self.get_clock()
         now = self._now()
-        if clock.ros_time_is_active:
+        if clock.ros_time_is_active:  # type: ignore[attr-defined]  # a ROSClock
             problem = self._sim_clock.problem(now, time.monotonic())
             if problem is not None:
                 self.stats.frame(None)

@@ -236,7 +236,7 @@ class Recorder:
 
     def start(self) -> Recorder:
         # refuses an existing --out at once
-        self._sink = BagSink(self.out, self.storage, **self._split)
+        self._sink = BagSink(self.out, self.storage, **self._split)  # type: ignore[arg-type]
         try:
             self._context = Context()
             rclpy.init(
@@ -409,7 +409,7 @@ def main(parser: argparse.ArgumentParser, args: list[str] | None = None) -> None
             max_duration=parsed.max_bag_duration,
             max_bytes=parsed.max_bag_size,
             ros_args=argv,  # rclpy.init picks out the --ros-args part itself
-            log=get_logger(NODE_NAME).info,
+            log=get_logger(NODE_NAME).info,  # type: ignore[arg-type]  # returns a bool
         )
     except (BagError, ConfigError) as err:
         get_logger(NODE_NAME).fatal(str(err))

@@ -123,7 +123,7 @@ class ReplayEvalNode(Node):
             PolicyOutput, cfg.topic(f'{POLICY_NODE}/output'), self._on_output, RESULTS_QOS
         )
         self.create_subscription(Twist, cfg.topic('cmd_vel'), self._on_command, RESULTS_QOS)
-        self._reset = self.create_client(Trigger, cfg.topic(f'{POLICY_NODE}/reset'))
+        self._reset: Any = self.create_client(Trigger, cfg.topic(f'{POLICY_NODE}/reset'))
 
     def _on_output(self, msg: PolicyOutput) -> None:
         seen = Seen(time.monotonic(), int(msg.action), int(msg.step), bool(msg.enabled))
@@ -579,7 +579,8 @@ def _play(
             if _await_output(node, stamp, data, cfg.frame_timeout, stop):
                 seen = node.output(stamp)
                 if seen is not None and seen.enabled:
-                    node.wait(lambda c=commands: len(node.commands) > c, COMMAND_WAIT, stop)
+                    more = lambda c=commands: len(node.commands) > c  # noqa: E731
+                    node.wait(more, COMMAND_WAIT, stop)  # type: ignore[misc]
             if proc.poll() is not None:
                 raise MalpiError(
                     f'policy_node exited with {proc.returncode} during the replay; the end of '
@@ -595,5 +596,5 @@ def _play(
     if cfg.realtime and j:
         last = sent[j - 1]
         if last is not None:
-            node.wait(lambda s=last[0]: s in node.outputs, DRAIN, stop)
+            node.wait(lambda s=last[0]: s in node.outputs, DRAIN, stop)  # type: ignore[misc]
     return not stop.is_set()

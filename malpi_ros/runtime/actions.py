@@ -59,7 +59,8 @@ def label_for(linear_x: float, angular_z: float, table: ActionTable) -> int:
     """The action index of one recorded command (see ``labels_for``)."""
     if not (math.isfinite(linear_x) and math.isfinite(angular_z)):
         raise DatasetError(f'command linear_x={linear_x!r}, angular_z={angular_z!r} is not finite')
-    return int(labels_for(np.float64(linear_x), np.float64(angular_z), table))
+    x, z = np.float64(linear_x), np.float64(angular_z)  # numpy scalars broadcast as arrays
+    return int(labels_for(x, z, table))  # type: ignore[arg-type]
 
 
 def twist_for(index: int, table: ActionTable) -> tuple[float, float]:

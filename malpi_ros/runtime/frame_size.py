@@ -105,7 +105,7 @@ def _png_size(data: bytes | memoryview) -> tuple[int, int]:
             if width == 0 or height == 0:
                 raise DecodeError(f'PNG declares an empty image ({width}x{height})')
         if kind == b'IEND':
-            return width, height
+            return width, height  # type: ignore[return-value]  # IHDR came first
         pos = end
 
 

@@ -179,7 +179,7 @@ def _decode_compressed(msg: Any, max_pixels: int) -> np.ndarray:
     fmt = getattr(msg, 'format', None)
     data = getattr(msg, 'data', None)
     try:
-        what = f'compressed image (format {fmt!r}, {len(data)} bytes)'
+        what = f'compressed image (format {fmt!r}, {len(data)} bytes)'  # type: ignore[arg-type]
     except TypeError:
         what = f'compressed image (format {fmt!r}, data of type {type(data).__name__})'
     buf = _byte_view(data, what)
