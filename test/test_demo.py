@@ -28,7 +28,7 @@ from malpi_ros.sim.record import RecordConfig, _Disturbance, _expert_step, recor
 
 CLI = str(NODE_DIR / 'malpi-ros')
 SIM_TRAIN = SHARE_DIR / 'config' / 'sim_train.yaml'
-SIM_YAML = SHARE_DIR / 'config' / 'sim.yaml'
+SIM_YAML = SHARE_DIR / 'config' / 'nodes' / 'sim.yaml'
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""Launch files and config/robot.yaml against the nodes they start.
+"""Launch files and config/nodes/robot.yaml against the nodes they start.
 
 ``launch_ros`` is not installable from PyPI, so the launch description itself is only checked
 where it is importable (a ROS install); here that test is reported as skipped. What runs
@@ -32,7 +32,7 @@ from malpi_ros.nodes.policy_node_config import PARAMETER_NAMES, PARAMETERS, Poli
 from malpi_ros.runtime import image
 
 LAUNCH_DIR = SHARE_DIR / 'launch'
-ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
+ROBOT_YAML = SHARE_DIR / 'config' / 'nodes' / 'robot.yaml'
 
 
 NODE_MODULES = {'policy_node', 'motor_driver_node', 'sim_node'}

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.ros
 
 NODE = str(NODE_DIR / 'motor_driver_node')
 WHEELS = '/motor_driver_node/wheels'
-ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
+ROBOT_YAML = SHARE_DIR / 'config' / 'nodes' / 'robot.yaml'
 PERIOD = 0.05  # 20 Hz, a policy's command rate
 
 

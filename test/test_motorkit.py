@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ros
 
 NODE = str(NODE_DIR / 'motor_driver_node')
 CLI = str(NODE_DIR / 'malpi-ros')
-ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
+ROBOT_YAML = SHARE_DIR / 'config' / 'nodes' / 'robot.yaml'
 
 FAKE_MOTORKIT = '''
 """Stand-in for adafruit_motorkit: the interface the driver uses, writes logged to a file."""

@@ -196,7 +196,7 @@ def test_config_defaults_match_the_parameter_table_and_robot_yaml():
     from support import REPO
 
     assert set(PARAMETER_NAMES) == {f.name for f in dataclasses.fields(PolicyNodeConfig)}
-    documented = yaml.safe_load((REPO / 'config' / 'robot.yaml').read_text())
+    documented = yaml.safe_load((REPO / 'config' / 'nodes' / 'robot.yaml').read_text())
     documented = documented['policy_node']['ros__parameters']
     # robot.yaml lists every parameter but the required bundle, with the node's own defaults.
     assert set(documented) == set(PARAMETER_NAMES) - {'bundle'}

@@ -1,7 +1,7 @@
 """sim_node as installed, in its own process, driven over a real DDS graph.
 
 The closed-loop test wires the demo's graph (sim_node + motor_driver_node with the installed
-config/sim.yaml) and puts the simulator's expert behind the topics: it reads ``~/pose`` and
+config/nodes/sim.yaml) and puts the simulator's expert behind the topics: it reads ``~/pose`` and
 ``~/progress`` and answers every frame with a ``cmd_vel``, so laps and fork decisions in
 ``~/progress`` can only come from commands that went through the motor driver's ``~/wheels``.
 The pure parts of the node (config, command hold, progress report) are tested without a graph.
@@ -36,7 +36,7 @@ from malpi_ros.sim import CUE_BRANCH, Expert, Pose, SimWorld, twist_to_wheels
 
 SIM = str(NODE_DIR / 'sim_node')
 DRIVER = str(NODE_DIR / 'motor_driver_node')
-SIM_YAML = SHARE_DIR / 'config' / 'sim.yaml'
+SIM_YAML = SHARE_DIR / 'config' / 'nodes' / 'sim.yaml'
 PROGRESS = '/sim_node/progress'
 POSE = '/sim_node/pose'
 

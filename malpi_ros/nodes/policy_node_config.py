@@ -113,7 +113,7 @@ class ParamSpec:
 
 _DEFAULTS = {f.name: f.default for f in fields(PolicyNodeConfig) if f.name != 'bundle'}
 
-# name -> spec, in the order of config/robot.yaml. Read once into PolicyNodeConfig.
+# name -> spec, in the order of config/nodes/robot.yaml. Read once into PolicyNodeConfig.
 PARAMETERS: dict[str, ParamSpec] = {
     'bundle': ParamSpec('', 'model bundle directory (required), written by malpi-ros train'),
     'backend': ParamSpec(

@@ -9,8 +9,8 @@ Steps, everything under ``OUT/<timestamp>/`` (a second run never touches the fir
    ``expert_bag/`` (mcap), and print ``malpi-ros inspect`` of it;
 2. ``malpi-ros train expert_bag --out bundle --config config/sim_train.yaml``;
 3. start ``sim_node``, ``policy_node`` (litert) and ``motor_driver_node`` (sim backend) as
-   separate processes with ``config/sim.yaml`` and the remaps of ``launch/sim.launch.py``, plus
-   ``malpi-ros record`` of the evaluation topics; drive until ``laps`` laps or ``time_limit``;
+   separate processes with ``config/nodes/sim.yaml`` and the remaps of ``launch/sim.launch.py``,
+   plus ``malpi-ros record`` of the evaluation topics; drive until ``laps`` laps or ``time_limit``;
 4. the same with ``policy_node`` ``reset_every_frame:=true`` (no memory: the ablation);
    after each drive, the same policy mode also drives ``--offline-laps`` laps in-process
    (``drive_offline``: no ROS, no waiting), because three forks make no rate;
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--laps', type=int, default=3, help='laps per drive (default 3)')
     parser.add_argument('--time-limit', type=float, default=None, help='wall s per drive')
     parser.add_argument('--train-config', type=Path, help='default: config/sim_train.yaml')
-    parser.add_argument('--params', type=Path, help='default: config/sim.yaml (installed)')
+    parser.add_argument('--params', type=Path, help='default: config/nodes/sim.yaml (installed)')
     parser.add_argument('--episodes', type=int, help='full-lap expert episodes to record')
     parser.add_argument('--segments', type=int, help='short cue-to-fork expert drives')
     parser.add_argument('--epochs', type=int, help='override the training config')
@@ -575,7 +575,7 @@ def run_demo(args: argparse.Namespace) -> int:
     env = ros_env(args.domain_id)
     run_dir = new_run_dir(args.out).resolve()
     train_config = (args.train_config or default_file('config', 'sim_train.yaml')).resolve()
-    params = (args.params or default_file('config', 'sim.yaml')).resolve()
+    params = (args.params or default_file('config', 'nodes', 'sim.yaml')).resolve()
     record_cfg = _record_config(args)
 
     def log(line: str) -> None:
