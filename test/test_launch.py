@@ -145,9 +145,9 @@ def launch_problems(source: str, params_yaml: dict[str, Any]) -> list[str]:
 
 
 def params_yaml_for(launch_file: Path) -> dict[str, Any]:
-    """config/<name>.yaml for launch/<name>.launch.py: the file the launch passes by default."""
+    """config/nodes/<name>.yaml for launch/<name>.launch.py: the file it passes by default."""
     name = launch_file.name.removesuffix('.launch.py')
-    return yaml.safe_load((SHARE_DIR / 'config' / f'{name}.yaml').read_text())
+    return yaml.safe_load((SHARE_DIR / 'config' / 'nodes' / f'{name}.yaml').read_text())
 
 
 def launch_files() -> list[Path]:
@@ -206,16 +206,25 @@ def test_robot_launch_respawns_the_motor_driver_quickly():
     assert 0 < _resolve(driver.get('respawn_delay'), literals) <= 1.0
 
 
+def _holds_node_parameters(path: Path) -> bool:
+    data = yaml.safe_load(path.read_text())
+    return isinstance(data, dict) and any(
+        isinstance(v, dict) and 'ros__parameters' in v for v in data.values()
+    )
+
+
 def node_param_files() -> list[Path]:
-    """config/*.yaml files that hold node parameters (node: ros__parameters: ...)."""
-    files = []
-    for path in sorted((SHARE_DIR / 'config').glob('*.yaml')):
-        data = yaml.safe_load(path.read_text())
-        if isinstance(data, dict) and any(
-            isinstance(v, dict) and 'ros__parameters' in v for v in data.values()
-        ):
-            files.append(path)
-    return files
+    """config/nodes/*.yaml: the node parameter files (node: ros__parameters: ...)."""
+    return sorted((SHARE_DIR / 'config' / 'nodes').glob('*.yaml'))
+
+
+def test_node_parameter_files_and_training_recipes_live_apart():
+    nodes = node_param_files()
+    assert [p.name for p in nodes] == ['motor_driver.yaml', 'robot.yaml', 'sim.yaml']
+    assert all(_holds_node_parameters(p) for p in nodes)
+    recipes = sorted((SHARE_DIR / 'config').glob('*.yaml'))
+    assert {p.name for p in recipes} >= {'sim_train.yaml', 'train_example.yaml'}
+    assert not [p.name for p in recipes if _holds_node_parameters(p)]
 
 
 @pytest.mark.parametrize('path', node_param_files(), ids=lambda p: p.name)

@@ -254,6 +254,19 @@ def test_cmd_vel_input_moves_the_robot_stale_commands_stop_it_and_reset(tmp_path
     assert f'{sig.name}: exiting' in log.read_text()
 
 
+@pytest.mark.ros
+def test_ros2_param_set_is_refused_for_every_parameter_like_on_the_other_nodes(tmp_path):
+    """Read once at start (one node skeleton): a run-time change is refused, not ignored."""
+    env = ros_env()
+    log = tmp_path / 'sim.log'
+    with graph(int(env['ROS_DOMAIN_ID'])) as g, running([SIM], env, log) as proc:
+        for name, value in (('rate', 20.0), ('input', 'cmd_vel'), ('use_sim_time', True)):
+            result = g.set_parameter('/sim_node', name, value)
+            assert not result.successful, (name, log.read_text())
+            assert 'read-only' in result.reason, (name, result.reason)
+        assert proc.poll() is None
+
+
 def test_bad_parameters_exit_non_zero_naming_them():
     out = subprocess.run(
         [SIM, '--ros-args', '-p', 'input:=joystick'],

@@ -32,15 +32,19 @@ import time
 from typing import Any
 
 from geometry_msgs.msg import Twist
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.duration import Duration
-from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Float32MultiArray
 
-from malpi_ros.errors import ConfigError, MotorError
-from malpi_ros.nodes.runner import freeze_use_sim_time, run_node, steady_timer
+from malpi_ros.errors import MotorError
+from malpi_ros.nodes.params import ParamSpec
+from malpi_ros.nodes.runner import (
+    declare_parameters,
+    freeze_use_sim_time,
+    run_node,
+    steady_timer,
+)
 from malpi_ros.runtime.motor import (
     BACKENDS,
     MotorBackend,
@@ -57,63 +61,63 @@ ERROR_LOG_PERIOD = 2.0  # s between repeated backend-error logs
 FLUSH_TIMEOUT = 1.0  # s to wait for the final stop on ~/wheels to be acknowledged
 
 
-def _floats(low: float, high: float) -> dict[str, Any]:
-    return {'floating_point_range': [FloatingPointRange(from_value=low, to_value=high)]}
-
-
-def _ints(low: int, high: int) -> dict[str, Any]:
-    return {'integer_range': [IntegerRange(from_value=low, to_value=high, step=1)]}
-
-
 _DEFAULTS = MotorConfig()
 
-# name -> (default, description, range); read once at start into MotorConfig.
-PARAMETERS: dict[str, tuple[Any, str, dict[str, Any]]] = {
-    'backend': ('motorkit', f'motor backend: {" | ".join(BACKENDS)}', {}),
-    'track_width': (
+# name -> ParamSpec (default, description, range); read once at start into MotorConfig.
+PARAMETERS: dict[str, ParamSpec] = {
+    'backend': ParamSpec('motorkit', f'motor backend: {" | ".join(BACKENDS)}'),
+    'track_width': ParamSpec(
         _DEFAULTS.track_width,
         'distance between the wheel tracks (m)',
-        _floats(0.01, 2.0),
+        0.01,
+        2.0,
     ),
-    'max_wheel_speed': (
+    'max_wheel_speed': ParamSpec(
         _DEFAULTS.max_wheel_speed,
         'ground speed of a wheel at throttle 1.0 (m/s)',
-        _floats(0.01, 10.0),
+        0.01,
+        10.0,
     ),
-    'max_linear': (
+    'max_linear': ParamSpec(
         _DEFAULTS.max_linear,
         'cmd_vel linear.x is clamped to this (m/s)',
-        _floats(0.01, 10.0),
+        0.01,
+        10.0,
     ),
-    'max_angular': (
+    'max_angular': ParamSpec(
         _DEFAULTS.max_angular,
         'cmd_vel angular.z is clamped to this (rad/s)',
-        _floats(0.01, 20.0),
+        0.01,
+        20.0,
     ),
-    'deadband': (
+    'deadband': ParamSpec(
         _DEFAULTS.deadband,
         'throttles below this magnitude become 0 (motors stall)',
-        _floats(0.0, 0.99),
+        0.0,
+        0.99,
     ),
-    'cmd_timeout': (
+    'cmd_timeout': ParamSpec(
         _DEFAULTS.cmd_timeout,
         'stop the motors when no cmd_vel came for this long (s)',
-        _floats(0.05, 10.0),
+        0.05,
+        10.0,
     ),
-    'invert_left': (_DEFAULTS.invert_left, 'the left motor is wired backwards', {}),
-    'invert_right': (_DEFAULTS.invert_right, 'the right motor is wired backwards', {}),
-    'left_channel': (
+    'invert_left': ParamSpec(_DEFAULTS.invert_left, 'the left motor is wired backwards'),
+    'invert_right': ParamSpec(_DEFAULTS.invert_right, 'the right motor is wired backwards'),
+    'left_channel': ParamSpec(
         _DEFAULTS.left_channel,
         'Motor HAT terminal of the left motor (M1..M4)',
-        _ints(1, 4),
+        1,
+        4,
     ),
-    'right_channel': (
+    'right_channel': ParamSpec(
         _DEFAULTS.right_channel,
         'Motor HAT terminal of the right motor (M1..M4)',
-        _ints(1, 4),
+        1,
+        4,
     ),
     # 50 Hz: the stop comes at most 20 ms after cmd_timeout (a Python tick costs ~50 us).
-    'watchdog_rate': (50.0, 'how often the cmd_vel timeout is checked (Hz)', _floats(1.0, 200.0)),
+    'watchdog_rate': ParamSpec(50.0, 'how often the cmd_vel timeout is checked (Hz)', 1.0, 200.0),
 }
 
 
@@ -123,7 +127,7 @@ class MotorDriverNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         freeze_use_sim_time(self)
-        values = {name: self._declare(name, *spec) for name, spec in PARAMETERS.items()}
+        values = declare_parameters(self, PARAMETERS)
         backend_name = values.pop('backend')
         rate = values.pop('watchdog_rate')
         self.cfg = MotorConfig(**values)
@@ -149,18 +153,6 @@ class MotorDriverNode(Node):
             f'{self.cfg.max_linear} m/s {self.cfg.max_angular} rad/s; motors stopped, waiting '
             'for cmd_vel'
         )
-
-    def _declare(self, name: str, default: Any, description: str, extra: dict[str, Any]) -> Any:
-        """Declare one parameter and return its value; a rejected value names the parameter."""
-        try:
-            param = self.declare_parameter(
-                name,
-                default,
-                ParameterDescriptor(description=description, read_only=True, **extra),
-            )
-        except ParameterException as err:
-            raise ConfigError(f'parameter {name}: {err}') from err
-        return param.value
 
     def _publish_wheels(self, left: float, right: float) -> None:
         self._wheels.publish(Float32MultiArray(data=[left, right]))

@@ -43,27 +43,29 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.duration import Duration
-from rclpy.exceptions import ParameterException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 
-from malpi_ros.errors import BundleError, ConfigError, DecodeError, MalpiError
+from malpi_ros.errors import BundleError, DecodeError, MalpiError
 from malpi_ros.msg import PolicyOutput
 from malpi_ros.nodes.policy_node_config import (
     CMD_VEL_TOPIC,
     IMAGE_TOPIC,
     NODE_NAME,
     PARAMETERS,
-    ParamSpec,
     PolicyNodeConfig,
 )
-from malpi_ros.nodes.runner import freeze_use_sim_time, run_node, steady_timer
+from malpi_ros.nodes.runner import (
+    declare_parameters,
+    freeze_use_sim_time,
+    run_node,
+    steady_timer,
+)
 from malpi_ros.runtime import image
 from malpi_ros.runtime.actions import twist_for
 from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
@@ -88,21 +90,6 @@ IMAGE_QOS = QoSProfile(
     reliability=ReliabilityPolicy.BEST_EFFORT,
     durability=DurabilityPolicy.VOLATILE,
 )
-
-
-def _descriptor(name: str, spec: ParamSpec) -> ParameterDescriptor:
-    extra: dict[str, Any] = {}
-    if spec.low is not None and spec.high is not None:
-        if isinstance(spec.default, int) and not isinstance(spec.default, bool):
-            extra['integer_range'] = [
-                IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)
-            ]
-        else:
-            extra['floating_point_range'] = [
-                FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high))
-            ]
-    # Read once at start-up: read-only, so `ros2 param set` is refused instead of ignored.
-    return ParameterDescriptor(name=name, description=spec.description, read_only=True, **extra)
 
 
 def load_policy(cfg: PolicyNodeConfig) -> Policy:
@@ -141,7 +128,7 @@ class PolicyNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         freeze_use_sim_time(self)
-        self.cfg = PolicyNodeConfig(**{n: self._declare(n, s) for n, s in PARAMETERS.items()})
+        self.cfg = PolicyNodeConfig(**declare_parameters(self, PARAMETERS))
         self.policy = load_policy(self.cfg)
         self.cfg.check_dt(self.policy.dt)
         self._actions = self.policy.config.actions
@@ -189,13 +176,6 @@ class PolicyNode(Node):
             f'{"enabled" if self._enabled else "disabled"}, waiting for frames on '
             f'{self._image_sub.topic_name} ({msg_type.__name__})'
         )
-
-    def _declare(self, name: str, spec: ParamSpec) -> Any:
-        """Declare one parameter and return its value; a rejected value names the parameter."""
-        try:
-            return self.declare_parameter(name, spec.default, _descriptor(name, spec)).value
-        except ParameterException as err:
-            raise ConfigError(f'parameter {name}: {err}') from err
 
     @property
     def enabled(self) -> bool:

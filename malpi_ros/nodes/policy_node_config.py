@@ -1,7 +1,8 @@
 """policy_node's parameters: names, defaults, ranges, descriptions, and the checked config.
 
 Pure (no rclpy): the launch-file test and the config tests read ``PARAMETERS`` without a ROS
-graph, and ``policy_node`` turns each ``ParamSpec`` into a ``ParameterDescriptor``. The values
+graph, and ``runner.declare_parameters`` turns each ``ParamSpec`` into a read-only
+``ParameterDescriptor``. The values
 are read once at start-up into ``PolicyNodeConfig``; the node declares them read-only, because
 a value changed later would be silently ignored.
 """
@@ -9,10 +10,10 @@ a value changed later would be silently ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 
 from malpi_ros.checks import flag, in_range, positive
 from malpi_ros.errors import ConfigError
+from malpi_ros.nodes.params import ParamSpec
 from malpi_ros.runtime.actions import SELECTION_MODES, ActionSelector
 from malpi_ros.runtime.frame_size import (
     DEFAULT_MAX_FRAME_PIXELS,
@@ -99,16 +100,6 @@ class PolicyNodeConfig:
                 f'reset_after_gap ({self.reset_after_gap} s) must be longer than the bundle dt '
                 f'({dt} s): every step would start from a zero state'
             )
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One ROS parameter: default, description, and an inclusive range for numbers."""
-
-    default: Any
-    description: str
-    low: float | None = None
-    high: float | None = None
 
 
 _DEFAULTS = {f.name: f.default for f in fields(PolicyNodeConfig) if f.name != 'bundle'}

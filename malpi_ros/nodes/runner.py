@@ -9,27 +9,35 @@ context goes down. Our signal handlers stay installed until those last words are
 Ctrl-C during the (bounded) clean-up is noted, not a KeyboardInterrupt that would skip the rest
 of it (releasing the motor backend, say).
 
-Also here, for the robot's nodes: ``steady_timer`` (timers that no clock source can stop) and
-``freeze_use_sim_time`` (the clock source is chosen at start, like every other parameter).
+Also here, for every node: ``declare_parameters`` (a node's ``ParamSpec`` table, declared
+read-only), ``steady_timer`` (timers that no clock source can stop) and ``freeze_use_sim_time``
+(the clock source is chosen at start, like every other parameter).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+)
 from rclpy.callback_groups import CallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import ParameterException
 from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from rclpy.timer import Timer
 
-from malpi_ros.errors import MalpiError
+from malpi_ros.errors import ConfigError, MalpiError
+from malpi_ros.nodes.params import ParamSpec
 from malpi_ros.signals import stop_on_signals
 
 SPIN_SLICE = 0.1  # s: how often the loop looks at the stop flag
@@ -43,6 +51,34 @@ class ClosingNode(Protocol):
     last_words: str
 
     def close(self) -> None: ...
+
+
+def descriptor(name: str, spec: ParamSpec) -> ParameterDescriptor:
+    """The read-only descriptor of one table row, with its range."""
+    extra: dict[str, Any] = {}
+    if spec.low is not None and spec.high is not None:
+        if isinstance(spec.default, int) and not isinstance(spec.default, bool):
+            extra['integer_range'] = [
+                IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)
+            ]
+        else:
+            extra['floating_point_range'] = [
+                FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high))
+            ]
+    # Read once at start-up: read-only, so `ros2 param set` is refused instead of ignored.
+    return ParameterDescriptor(name=name, description=spec.description, read_only=True, **extra)
+
+
+def declare_parameters(node: Node, table: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """Declare every parameter of ``table`` read-only and return the values given at start;
+    a rejected value (type, range) is a ``ConfigError`` naming the parameter."""
+    values = {}
+    for name, spec in table.items():
+        try:
+            values[name] = node.declare_parameter(name, spec.default, descriptor(name, spec)).value
+        except ParameterException as err:
+            raise ConfigError(f'parameter {name}: {err}') from err
+    return values
 
 
 def steady_timer(

@@ -43,8 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -53,20 +51,16 @@ from typing import Any
 
 import rclpy
 from geometry_msgs.msg import PoseStamped, Twist
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
 from malpi_ros.checks import int_at_least, positive
 from malpi_ros.errors import ConfigError
-from malpi_ros.nodes.runner import steady_timer
+from malpi_ros.nodes.params import ParamSpec
+from malpi_ros.nodes.runner import declare_parameters, freeze_use_sim_time, run_node, steady_timer
 from malpi_ros.runtime.image import encode_image_fields
 from malpi_ros.sim.camera import CameraConfig
 from malpi_ros.sim.robot import Pose, RobotConfig
@@ -234,61 +228,53 @@ def write_atomically(path: Path, text: str) -> None:
 # --- the node ----------------------------------------------------------------------------------
 
 
-def _floats(low: float, high: float) -> dict[str, Any]:
-    return {'floating_point_range': [FloatingPointRange(from_value=low, to_value=high)]}
-
-
-def _ints(low: int, high: int) -> dict[str, Any]:
-    return {'integer_range': [IntegerRange(from_value=low, to_value=high, step=1)]}
-
-
 _D = SimNodeConfig()
 
-# name -> (default, description, range); read once at start into SimNodeConfig.
-PARAMETERS: dict[str, tuple[Any, str, dict[str, Any]]] = {
-    'rate': (_D.rate, 'frames per second of sim time; 1/rate is the sim step', _floats(1, 100)),
-    'time_scale': (_D.time_scale, 'sim seconds per wall second (1 = real time)', _floats(0.1, 20)),
-    'input': (_D.input, f'what drives the robot: {" | ".join(INPUTS)}', {}),
-    'input_timeout': (
+# name -> ParamSpec (default, description, range); read once at start into SimNodeConfig.
+PARAMETERS: dict[str, ParamSpec] = {
+    'rate': ParamSpec(_D.rate, 'frames per second of sim time; 1/rate is the sim step', 1, 100),
+    'time_scale': ParamSpec(_D.time_scale, 'sim seconds per wall second (1 = real time)', 0.1, 20),
+    'input': ParamSpec(_D.input, f'what drives the robot: {" | ".join(INPUTS)}'),
+    'input_timeout': ParamSpec(
         _D.input_timeout,
         'a command older than this (wall s) counts as stop',
-        _floats(0.01, 10.0),
+        0.01,
+        10.0,
     ),
-    'seed': (_D.seed, 'seeds cues, light, noise, slip, start pose', _ints(0, 2**31 - 1)),
-    'width': (_D.width, 'camera image width (px)', _ints(8, 1920)),
-    'height': (_D.height, 'camera image height (px)', _ints(8, 1080)),
-    'track_width': (
+    'seed': ParamSpec(_D.seed, 'seeds cues, light, noise, slip, start pose', 0, 2**31 - 1),
+    'width': ParamSpec(_D.width, 'camera image width (px)', 8, 1920),
+    'height': ParamSpec(_D.height, 'camera image height (px)', 8, 1080),
+    'track_width': ParamSpec(
         _D.track_width,
         'distance between the wheel tracks (m); the motor driver must mix with the same',
-        _floats(0.01, 2.0),
+        0.01,
+        2.0,
     ),
-    'max_wheel_speed': (
+    'max_wheel_speed': ParamSpec(
         _D.max_wheel_speed,
         'ground speed of a wheel at throttle 1.0 (m/s); the same as the motor driver',
-        _floats(0.01, 10.0),
+        0.01,
+        10.0,
     ),
-    'wheel_noise': (_D.wheel_noise, 'relative std of wheel speed per step', _floats(0.0, 0.5)),
-    'reset_on_off_track': (
+    'wheel_noise': ParamSpec(_D.wheel_noise, 'relative std of wheel speed per step', 0.0, 0.5),
+    'reset_on_off_track': ParamSpec(
         _D.reset_on_off_track,
         'put the robot back on the tape after an off-track event (the run goes on)',
-        {},
     ),
-    'frame_id': (_D.frame_id, 'frame_id of the camera images', {}),
-    'pose_frame_id': (_D.pose_frame_id, 'frame_id of ~/pose (the floor map)', {}),
-    'progress_period': (
+    'frame_id': ParamSpec(_D.frame_id, 'frame_id of the camera images'),
+    'pose_frame_id': ParamSpec(_D.pose_frame_id, 'frame_id of ~/pose (the floor map)'),
+    'progress_period': ParamSpec(
         _D.progress_period,
         'wall seconds between ~/progress reports (events are reported at once)',
-        _floats(0.05, 60.0),
+        0.05,
+        60.0,
     ),
-    'progress_file': (
-        _D.progress_file,
-        'also write each progress report to this file ("" = do not)',
-        {},
+    'progress_file': ParamSpec(
+        _D.progress_file, 'also write each progress report to this file ("" = do not)'
     ),
-    'start_on_command': (
+    'start_on_command': ParamSpec(
         _D.start_on_command,
         'sim time stands still (frames still go out) until the first command that moves',
-        {},
     ),
 }
 
@@ -298,7 +284,8 @@ class SimNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        values = {name: self._declare(name, *spec) for name, spec in PARAMETERS.items()}
+        freeze_use_sim_time(self)
+        values = declare_parameters(self, PARAMETERS)
         self.cfg = SimNodeConfig(**values)
         self.world = SimWorld(self.cfg.sim_config())
         self._command = CommandHold(self.cfg.input_timeout)
@@ -335,16 +322,6 @@ class SimNode(Node):
         )
         self._publish_frame()  # the first frame, before anything moved
         self._publish_progress()
-
-    def _declare(self, name: str, default: Any, description: str, extra: dict[str, Any]) -> Any:
-        """Declare one parameter and return its value; a rejected value names the parameter."""
-        try:
-            param = self.declare_parameter(
-                name, default, ParameterDescriptor(description=description, **extra)
-            )
-        except ParameterException as err:
-            raise ConfigError(f'parameter {name}: {err}') from err
-        return param.value
 
     # -- inputs --
 
@@ -458,6 +435,12 @@ class SimNode(Node):
                 started=self._started,
             )
 
+    def close(self) -> None:
+        """Last words (``runner.run_node``): one more progress report, so a reader of
+        ``progress_file`` or ``~/progress`` sees the end of the run."""
+        if rclpy.ok(context=self.context):
+            self._publish_progress()
+
     def _publish_progress(self) -> None:
         text = json.dumps(self.progress())
         self._progress_pub.publish(String(data=text))
@@ -471,41 +454,9 @@ class SimNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run until SIGINT/SIGTERM (exit 0); exit 2 on bad parameters."""
-    stop = threading.Event()
-    received: list[str] = []
-
-    def request_stop(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    # rclpy's own handlers would shut the context down inside the handler, before the last
-    # progress report could go out; ours only set a flag the spin loop looks at.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        node = SimNode()
-    except ConfigError as err:
-        get_logger(NODE_NAME).fatal(str(err))
-        rclpy.try_shutdown()
-        sys.exit(2)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except ExternalShutdownException:
-        pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            node.get_logger().info(f'{received[0]}: exiting')
-        if rclpy.ok():
-            node._publish_progress()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run until SIGINT/SIGTERM (exit 0, after a last progress report); exit 2 on bad
+    parameters."""
+    run_node(NODE_NAME, SimNode, args)
 
 
 if __name__ == '__main__':

@@ -575,7 +575,7 @@ def run_demo(args: argparse.Namespace) -> int:
     env = ros_env(args.domain_id)
     run_dir = new_run_dir(args.out).resolve()
     train_config = (args.train_config or default_file('config', 'sim_train.yaml')).resolve()
-    params = (args.params or default_file('config', 'nodes', 'sim.yaml')).resolve()
+    params = (args.params or default_file('config/nodes', 'sim.yaml')).resolve()
     record_cfg = _record_config(args)
 
     def log(line: str) -> None:
