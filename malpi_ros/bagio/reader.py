@@ -28,8 +28,9 @@ import numpy as np
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.rosbag2 import ReaderError
 from rosbags.serde import SerdeError
-from rosbags.typesys import Stores, TypesysError, get_typestore
+from rosbags.typesys import TypesysError
 
+from malpi_ros.bagio.formats import typestore
 from malpi_ros.errors import BagError
 
 try:  # what rosbags decompresses zstd chunks with
@@ -67,12 +68,6 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     OverflowError,  # sizes read from corrupt records
     ZstdError,  # zstd on a corrupt chunk or file
 )
-
-
-def _typestore() -> Any:
-    """The message definitions of the ROS release this package targets (Kilted, else latest)."""
-    store = getattr(Stores, 'ROS2_KILTED', Stores.LATEST)
-    return get_typestore(store)
 
 
 def _seconds(nanoseconds: int) -> float:
@@ -131,7 +126,7 @@ class Bag:
     # -- opening and closing ---------------------------------------------------------------
 
     def open(self) -> Bag:
-        default = _typestore()
+        default = typestore()
         try:
             reader = AnyReader([_reader_path(self.path)], default_typestore=default)
             reader.open()

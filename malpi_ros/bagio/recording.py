@@ -45,15 +45,15 @@ from mcap.reader import make_reader
 from mcap.records import Channel, Chunk, Message, Schema
 from mcap.stream_reader import StreamReader, breakup_chunk
 from rosbags.interfaces import Qos
-from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
+from rosbags.rosbag2 import Writer, WriterError
 from rosbags.rosbag2.metadata import parse_qos
 from rosbags.typesys import Stores, TypesysError, get_types_from_msg, get_typestore
 from zstandard import ZstdError
 
 from malpi_ros import diskspace
+from malpi_ros.bagio.formats import STORAGES, check_storage
 from malpi_ros.errors import BagError, ConfigError
 
-STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 SUFFIXES = {'mcap': '.mcap', 'sqlite3': '.db3'}
 OPEN_SUFFIX = '.open'  # the directory of the split being written
 METADATA = 'metadata.yaml'
@@ -104,8 +104,7 @@ class SplitWriter:
         flush_period: float = FLUSH_PERIOD,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if storage not in STORAGES:
-            raise ConfigError(f'storage must be one of {", ".join(STORAGES)}, got {storage!r}')
+        check_storage(storage)
         if max_duration is not None and not max_duration >= 0:
             raise ConfigError(f'max_duration must be >= 0 s, got {max_duration!r}')
         if max_bytes is not None and not max_bytes >= 0:

@@ -1,10 +1,10 @@
-"""The one rosbag2 writer (``rosbags`` only, no rclpy): message definitions, the sink.
+"""The one rosbag2 writer (``rosbags`` only, no rclpy): message definitions, sinks.
 
-Used by the recorder node (raw CDR bytes from rclpy), the simulator's expert recorder and the
-tests' bag factory, so the typestore, the storages and the definitions stored with each
-connection are decided once. ``Definitions`` finds a type in the Kilted typestore or in an
-installed package's ``share/<pkg>/msg``; ``BagSink`` writes through ``recording.SplitWriter``
-(split, flushed as it goes, recoverable) and counts what each topic received.
+``BagWriter`` writes a bag in one go (the simulator's expert recorder, the tests' bag factory);
+``BagSink`` writes a live recording through ``recording.SplitWriter`` (split, flushed as it
+goes, recoverable) and counts what each topic received (the recorder node, with raw CDR bytes
+from rclpy). Both take the storages and the typestore from ``formats``. ``Definitions`` finds a
+type in the Kilted typestore or in an installed package's ``share/<pkg>/msg``.
 """
 
 from __future__ import annotations
@@ -20,17 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from rosbags.interfaces import Qos
-from rosbags.rosbag2 import WriterError
-from rosbags.typesys import Stores, TypesysError, get_types_from_msg, get_typestore
+from rosbags.rosbag2 import Writer, WriterError
+from rosbags.typesys import TypesysError, get_types_from_msg
 from rosbags.typesys.base import Nodetype
 
+from malpi_ros.bagio.formats import check_storage, typestore
 from malpi_ros.bagio.recording import SplitWriter, Topic
 from malpi_ros.errors import BagError
-
-
-def typestore() -> Any:
-    """The Kilted typestore (the newest rosbags knows, on an older rosbags)."""
-    return get_typestore(getattr(Stores, 'ROS2_KILTED', Stores.LATEST))
 
 
 class Definitions:
@@ -244,3 +240,43 @@ class BagSink:
             TopicRecord(topic, **{**fields, 'count': readable.get(topic, 0)})
             for topic, fields in self.records.items()
         )
+
+
+class BagWriter:
+    """A bag written in one go: topics by name, messages as rosbags objects or CDR bytes.
+
+    ``with BagWriter(path, 'mcap') as bag: bag.add_topic(topic, msgtype); bag.write(...)``.
+    ``store``: the typestore the messages were built with (default: a new ``typestore()``).
+    """
+
+    def __init__(self, path: str | Path, storage: str = 'mcap', *, store: Any = None) -> None:
+        self.path = Path(path)
+        self.store = typestore() if store is None else store
+        self._writer = Writer(self.path, version=9, storage_plugin=check_storage(storage))
+        self._topics: dict[str, tuple[Any, str]] = {}  # topic -> (connection, msgtype)
+
+    def open(self) -> BagWriter:
+        self._writer.open()
+        return self
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> BagWriter:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_topic(self, topic: str, msgtype: str) -> None:
+        """Declare a topic (again: no-op), so a topic with no messages is in the bag too."""
+        if topic not in self._topics:
+            connection = self._writer.add_connection(topic, msgtype, typestore=self.store)
+            self._topics[topic] = (connection, msgtype)
+
+    def write(self, topic: str, t_ns: int, message: Any) -> None:
+        """One message received at ``t_ns``: CDR ``bytes`` as they are, else serialized."""
+        connection, msgtype = self._topics[topic]
+        if not isinstance(message, bytes | bytearray | memoryview):
+            message = self.store.serialize_cdr(message, msgtype)
+        self._writer.write(connection, t_ns, bytes(message))

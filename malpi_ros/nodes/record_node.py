@@ -51,7 +51,8 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 from malpi_ros import diskspace
-from malpi_ros.bagio.recording import FLUSH_PERIOD, STORAGES
+from malpi_ros.bagio.formats import check_storage
+from malpi_ros.bagio.recording import FLUSH_PERIOD
 from malpi_ros.bagio.writer import BagSink, Definitions, RecordSummary
 from malpi_ros.errors import BagError, ConfigError
 from malpi_ros.nodes.topics import announced_rihs01, message_class, subscription_qos, to_bag_qos
@@ -214,8 +215,7 @@ class Recorder:
     ) -> None:
         if not topics:
             raise ConfigError('record needs at least one topic (--topics), got none')
-        if storage not in STORAGES:
-            raise ConfigError(f'storage must be one of {", ".join(STORAGES)}, got {storage!r}')
+        check_storage(storage)
         self.out = Path(out)
         self.topics = list(topics)
         self.storage = storage

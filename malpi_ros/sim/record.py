@@ -54,9 +54,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
-from rosbags.typesys import Stores, get_typestore
+from rosbags.rosbag2 import WriterError
 
+from malpi_ros.bagio.formats import STORAGES
+from malpi_ros.bagio.writer import BagWriter
 from malpi_ros.checks import int_at_least, non_negative, positive
 from malpi_ros.errors import BagError, ConfigError
 from malpi_ros.runtime.image import encode_image_fields
@@ -66,7 +67,6 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
 IMAGE_FORMATS = ('raw', 'jpeg')
 TWIST_TYPE = 'geometry_msgs/msg/Twist'
-STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 SWERVE_LABELS = ('commanded', 'expert')
 
 
@@ -166,10 +166,6 @@ class RecordResult:
             sum(s['forks_correct'] for s in self.summaries),
             sum(s['forks'] for s in self.summaries),
         )
-
-
-def _typestore() -> Any:
-    return get_typestore(getattr(Stores, 'ROS2_KILTED', Stores.LATEST))
 
 
 def _stamp(store: Any, ns: int) -> Any:
@@ -341,21 +337,20 @@ class _Tape:
     def __init__(self, out: Path, config: RecordConfig, sim: SimConfig) -> None:
         self.out = out
         self.config = config
-        self.store = _typestore()
         self.dt_ns = round(sim.dt * 1e9)
         self.t_ns = round(config.start_time * 1e9)
         self.frames = 0
-        self.writer = Writer(out, version=9, storage_plugin=STORAGES[config.storage])
-        self.writer.open()
-        add = self.writer.add_connection
+        self.writer = BagWriter(out, config.storage).open()
+        self.store = self.writer.store
         if config.image_format == 'jpeg':
             # image_transport's name and type for a compressed stream of image_topic
-            self.image = add(
-                f'{config.image_topic}/compressed', COMPRESSED_TYPE, typestore=self.store
-            )
+            self.image = f'{config.image_topic}/compressed'
+            self.writer.add_topic(self.image, COMPRESSED_TYPE)
         else:
-            self.image = add(config.image_topic, IMAGE_TYPE, typestore=self.store)
-        self.cmd = add(config.cmd_topic, TWIST_TYPE, typestore=self.store)
+            self.image = config.image_topic
+            self.writer.add_topic(self.image, IMAGE_TYPE)
+        self.cmd = config.cmd_topic
+        self.writer.add_topic(self.cmd, TWIST_TYPE)
 
     def write(self, frame: np.ndarray, command: int, world: SimWorld) -> None:
         """One frame and its command, both stamped with the frame's sim time."""
