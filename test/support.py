@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from malpi_ros import processes
 from malpi_ros.processes import stop_process
 
 VENV = Path(sys.prefix)
-NODE_DIR = VENV / 'lib' / 'malpi_ros'
-SHARE_DIR = VENV / 'share' / 'malpi_ros'
+NODE_DIR = processes.NODE_DIR  # the installed executables (lib/malpi_ros)
+SHARE_DIR = processes.SHARE_DIR  # launch/, config/ as installed
 REPO = Path(__file__).resolve().parents[1]
 
 # Domain ids 1..100 (Fast DDS's safe range); start at an offset from the pid so that two test
@@ -33,14 +34,7 @@ for _ in range(os.getpid() % 97):
 
 def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
     """An environment for a child process: own domain, localhost discovery, venv on PATH."""
-    env = dict(os.environ)
-    env['ROS_DOMAIN_ID'] = str(next(_domain_ids) if domain_id is None else domain_id)
-    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    env['PATH'] = f'{VENV / "bin"}{os.pathsep}{env.get("PATH", "")}'
-    env['PYTHONUNBUFFERED'] = '1'
-    env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-    env.update(extra)
-    return env
+    return processes.ros_env(next(_domain_ids) if domain_id is None else domain_id, **extra)
 
 
 @contextmanager

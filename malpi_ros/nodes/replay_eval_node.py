@@ -75,7 +75,7 @@ from malpi_ros.nodes.policy_node_config import NODE_NAME as POLICY_NODE
 from malpi_ros.nodes.policy_node_config import PARAMETERS
 from malpi_ros.nodes.record_node import Recorder
 from malpi_ros.nodes.topics import SETTLE, qos_profile, wait_until
-from malpi_ros.processes import stop_process
+from malpi_ros.processes import installed, stop_process
 from malpi_ros.runtime.bundle import load_bundle
 from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate
 
@@ -238,18 +238,12 @@ class _Graph:
 
 
 def policy_node_command() -> list[str]:
-    """How to start the installed policy_node with this interpreter.
-
-    ``<prefix>/lib/malpi_ros/policy_node`` (where ``ros2 run`` finds it) of this environment
-    or an ``AMENT_PREFIX_PATH`` entry; ``python -m malpi_ros.nodes.policy_node`` if none exists.
-    """
-    prefixes = [Path(sys.prefix)]
-    prefixes += [Path(p) for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
-    for prefix in prefixes:
-        exe = prefix / 'lib' / 'malpi_ros' / POLICY_NODE
-        if exe.is_file():
-            return [sys.executable, str(exe)]
-    return [sys.executable, '-m', 'malpi_ros.nodes.policy_node']
+    """How to start the installed policy_node with this interpreter (``processes.installed``),
+    or ``python -m malpi_ros.nodes.policy_node`` where none is installed."""
+    try:
+        return installed(POLICY_NODE)
+    except MalpiError:
+        return [sys.executable, '-m', 'malpi_ros.nodes.policy_node']
 
 
 def _tail(path: Path, lines: int = 15) -> str:

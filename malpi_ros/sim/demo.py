@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -44,17 +43,13 @@ import numpy as np
 
 from malpi_ros.bagio import reader as bagio
 from malpi_ros.errors import ConfigError, MalpiError
-from malpi_ros.processes import stop_process
+from malpi_ros.processes import SHARE_DIR, installed, ros_env, stop_process
 from malpi_ros.sim.plot import plot_trajectories
 from malpi_ros.sim.record import RecordConfig, RecordResult, record_expert
 from malpi_ros.sim.track import get_track
 from malpi_ros.sim.world import SimConfig, SimWorld
 
-# Where `make build` installs the executables and the share files (DESIGN §6: into the venv).
-PREFIX = Path(sys.prefix)
-NODE_DIR = PREFIX / 'lib' / 'malpi_ros'
-SHARE_DIR = PREFIX / 'share' / 'malpi_ros'
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the source tree, when nothing is installed
 
 # The graph of launch/sim.launch.py (test_demo checks the two agree).
 REMAPS = {
@@ -162,30 +157,6 @@ def new_run_dir(root: str | Path, now: datetime | None = None) -> Path:
             continue
         return path
     raise MalpiError(f'cannot make a new run directory under {root}')
-
-
-def ros_env(domain_id: int | None = None) -> dict[str, str]:
-    """The environment of every process the demo starts: localhost discovery, one domain."""
-    env = dict(os.environ)
-    if domain_id is None:
-        domain_id = int(env.get('ROS_DOMAIN_ID') or 42)
-    if not 0 <= domain_id <= 232:
-        raise ConfigError(f'ROS domain id must be in [0, 232], got {domain_id}')
-    env['ROS_DOMAIN_ID'] = str(domain_id)
-    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    env['PYTHONUNBUFFERED'] = '1'
-    env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-    env['PATH'] = f'{PREFIX / "bin"}{os.pathsep}{env.get("PATH", "")}'
-    return env
-
-
-def installed(name: str) -> list[str]:
-    """The command line of an installed executable (run with this interpreter, so PATH and
-    the current directory cannot pick another Python or shadow the installed package)."""
-    path = NODE_DIR / name
-    if not path.exists():
-        raise MalpiError(f'{path} is not installed: run `make build` first')
-    return [sys.executable, str(path)]
 
 
 def default_file(kind: str, name: str) -> Path:
