@@ -247,7 +247,7 @@ def test_train_one_tiny_epoch_then_drive_the_graph_for_a_few_seconds(expert_bag,
     )
     assert train.returncode == 0, train.stdout + train.stderr
     meta = json.loads(next(bundle.glob('*.json')).read_text())
-    assert 'dt' in json.dumps(meta)
+    assert meta['dt'] == pytest.approx(0.1, rel=1e-3)  # the simulator's frame period
 
     env = ros_env()
     run_dir = demo.new_run_dir(tmp_path / 'runs')

@@ -30,7 +30,10 @@ from typing import Any
 import numpy as np
 
 from malpi_ros.bagio.reader import IMAGE_TYPES
+from malpi_ros.checks import is_number
 from malpi_ros.errors import ConfigError
+from malpi_ros.figures import figure
+from malpi_ros.runtime.node_stats import percentile
 
 # Topics of these types are published best effort (sensor-data QoS), as camera drivers do.
 SENSOR_TYPES = frozenset(IMAGE_TYPES)
@@ -60,10 +63,6 @@ def parse_remap(text: str) -> tuple[str, str]:
     return absolute(parts[0]), absolute(parts[1])
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass(frozen=True)
 class PlayConfig:
     """How to play a bag.
@@ -87,17 +86,17 @@ class PlayConfig:
     delay: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (_finite(self.rate) and self.rate > 0):
+        if not (is_number(self.rate) and self.rate > 0):
             raise ConfigError(f'rate must be > 0, got {self.rate!r}')
-        if not (_finite(self.start) and self.start >= 0):
+        if not (is_number(self.start) and self.start >= 0):
             raise ConfigError(f'start must be >= 0 seconds, got {self.start!r}')
-        if self.duration is not None and not (_finite(self.duration) and self.duration > 0):
+        if self.duration is not None and not (is_number(self.duration) and self.duration > 0):
             raise ConfigError(f'duration must be > 0 seconds, got {self.duration!r}')
-        if not (_finite(self.wait_for_subscribers) and self.wait_for_subscribers >= 0):
+        if not (is_number(self.wait_for_subscribers) and self.wait_for_subscribers >= 0):
             raise ConfigError(
                 f'wait_for_subscribers must be >= 0 seconds, got {self.wait_for_subscribers!r}'
             )
-        if not (_finite(self.delay) and self.delay >= 0):
+        if not (is_number(self.delay) and self.delay >= 0):
             raise ConfigError(f'delay must be >= 0 seconds, got {self.delay!r}')
         if self.topics is not None:
             topics = tuple(dict.fromkeys(absolute(t) for t in self.topics))
@@ -209,7 +208,7 @@ class Throttle:
     """True at most once per ``period`` seconds (for progress lines and repeated logs)."""
 
     def __init__(self, period: float) -> None:
-        if not (_finite(period) and period >= 0):
+        if not (is_number(period) and period >= 0):
             raise ConfigError(f'throttle period must be >= 0 seconds, got {period!r}')
         self.period = period
         self._last = -math.inf
@@ -298,11 +297,11 @@ class ReplayEvalConfig:
             raise ConfigError(
                 f'backend must be one of {", ".join(BACKENDS)}, got {self.backend!r}'
             )
-        if not (_finite(self.rate) and self.rate > 0):
+        if not (is_number(self.rate) and self.rate > 0):
             raise ConfigError(f'rate must be > 0, got {self.rate!r}')
         for name in ('frame_timeout', 'startup_timeout'):
             value = getattr(self, name)
-            if not (_finite(value) and value > 0):
+            if not (is_number(value) and value > 0):
                 raise ConfigError(f'{name} must be > 0 seconds, got {value!r}')
         object.__setattr__(self, 'namespace', absolute(self.namespace).rstrip('/'))
         for name, value in self.node_params:
@@ -433,10 +432,6 @@ def _share(mask: np.ndarray) -> float | None:
     return float(mask.mean()) if mask.size else None
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, np.float64), q)) if values else None
-
-
 @dataclass(frozen=True, eq=False)
 class EpisodeReport:
     """Scores of one episode replayed through the node.
@@ -468,7 +463,7 @@ class EpisodeReport:
         return self.frames - self.played
 
     def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
-        p50, p99 = _percentile(self.latencies, 50), _percentile(self.latencies, 99)
+        p50, p99 = percentile(self.latencies, 50), percentile(self.latencies, 99)
         return {
             'episode': self.episode,
             'frames': self.frames,
@@ -573,7 +568,7 @@ class ReplayReport:
 
     def to_dict(self) -> dict[str, Any]:
         latencies = [x for e in self.episodes for x in e.latencies]
-        p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         diffs = [d for e in self.episodes for d in e.diffs]
         reasons = {key: sum(1 for d in diffs if d.reason == key) for key in REASONS}
         frames = self.total('frames')
@@ -661,15 +656,10 @@ def plot_replay(report: ReplayReport, path: str | Path) -> Path:
 
     Frames the node did not step show as gaps in its line; differing frames are marked.
     """
-    import matplotlib
-
-    matplotlib.use('Agg', force=True)  # files only: never look for a display
-    import matplotlib.pyplot as plt
-
     episodes = [e for e in report.episodes if e.frames] or []
     rows = max(1, len(episodes))
-    fig, axes = plt.subplots(rows, 1, figsize=(10, 1.2 + 1.8 * rows), squeeze=False)
-    try:
+    size = (10, 1.2 + 1.8 * rows)
+    with figure(path, nrows=rows, ncols=1, figsize=size, squeeze=False) as (fig, axes):
         names = list(report.names)
         for ax, ep in zip(axes[:, 0], episodes, strict=False):
             t = ep.times - ep.times[0]
@@ -693,9 +683,4 @@ def plot_replay(report: ReplayReport, path: str | Path) -> Path:
             axes[0, 0].legend(loc='lower right', bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=4)
         title = f'{Path(report.bundle).name} on {Path(report.bag).name}: human vs policy action'
         fig.suptitle(title + (' (interrupted)' if report.interrupted else ''))
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)

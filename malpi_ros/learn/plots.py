@@ -1,7 +1,7 @@
 """PNG figures for people: learning curves of a training run and confusion matrices.
 
-matplotlib is imported inside each function (with the non-interactive Agg backend), so importing
-this module costs nothing and works on a headless robot or CI machine with no display.
+matplotlib is imported when a figure is made (``malpi_ros.figures``), so importing this module
+costs nothing and works on a headless robot or CI machine with no display.
 """
 
 from __future__ import annotations
@@ -12,15 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from malpi_ros.errors import ConfigError
-
-
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use('Agg', force=True)  # files only: never look for a display
-    import matplotlib.pyplot as plt
-
-    return plt
+from malpi_ros.figures import figure
 
 
 def plot_confusion(
@@ -39,10 +31,8 @@ def plot_confusion(
         )
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
-    plt = _pyplot()
     size = 1.6 + 0.7 * n
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
-    try:
+    with figure(path, figsize=(size + 1.0, size)) as (fig, ax):
         image = ax.imshow(share, cmap='Blues', vmin=0.0, vmax=1.0)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='share of true action')
         ax.set_xticks(range(n), labels=list(names), rotation=45, ha='right')
@@ -65,12 +55,7 @@ def plot_confusion(
         total = matrix.sum()
         accuracy = np.trace(matrix) / total if total else float('nan')
         ax.set_title(f'{title}\naccuracy {accuracy:.3f} of {total:g}'.strip())
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_history(
@@ -82,9 +67,7 @@ def plot_history(
     ``val_loss``, ``accuracy``, ``val_accuracy``; whichever are present are drawn. A long flat
     stretch before the loss drops is the memory plateau of DESIGN §4.
     """
-    plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    try:
+    with figure(path, nrows=1, ncols=2, figsize=(10, 4)) as (fig, (ax_loss, ax_acc)):
         for ax, key in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
             for prefix, style in (('', '-'), ('val_', '--')):
                 values = history.get(prefix + key)
@@ -102,9 +85,4 @@ def plot_history(
         ax_acc.set_ylim(0.0, 1.02)
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)

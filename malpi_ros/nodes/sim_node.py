@@ -64,7 +64,7 @@ from malpi_ros.nodes.runner import declare_parameters, freeze_use_sim_time, run_
 from malpi_ros.runtime.image import encode_image_fields
 from malpi_ros.sim.camera import CameraConfig
 from malpi_ros.sim.robot import Pose, RobotConfig
-from malpi_ros.sim.world import SimConfig, SimWorld, StepResult
+from malpi_ros.sim.world import SimConfig, SimWorld, WorldStep
 
 NODE_NAME = 'sim_node'
 INPUTS = ('wheels', 'cmd_vel')
@@ -380,7 +380,7 @@ class SimNode(Node):
         if event:
             self._publish_progress()
 
-    def _note(self, result: StepResult) -> bool:
+    def _note(self, result: WorldStep) -> bool:
         """Remember lap times and off-track positions; True when something worth a report."""
         if result.lap_completed:
             self._lap_times.append(self.world.time)

@@ -10,9 +10,9 @@ plain numbers (DESIGN §7).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from malpi_ros.checks import is_number
 from malpi_ros.errors import ConfigError
 
 # Frames closer than this fraction of dt are skipped: 10 Hz frames with a few ms of jitter
@@ -41,8 +41,7 @@ class Decision:
 
 
 def _seconds(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    if not is_number(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f'{name} must be a number of seconds > 0, got {value!r}')
 
 

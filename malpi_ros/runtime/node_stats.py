@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,15 @@ class Report:
         return dict(self.values)[key]
 
 
-def _percentile(values: deque[float], q: float) -> float:
-    return float(np.percentile(np.fromiter(values, float), q)) if values else float('nan')
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile of some timings; None when there are none (nothing measured)."""
+    array = np.asarray(values if isinstance(values, np.ndarray) else list(values), np.float64)
+    return float(np.percentile(array, q)) if array.size else None
+
+
+def _pct(values: deque[float], q: float) -> float:
+    value = percentile(values, q)
+    return float('nan') if value is None else value  # NaN: printed as n/a
 
 
 def _ms(value: float, digits: int = 2) -> str:
@@ -100,11 +108,14 @@ class NodeStats:
             previous = self._previous or dict.fromkeys(COUNTERS, 0)
             elapsed = now - self._previous_at if self._previous_at is not None else 0.0
             self._previous, self._previous_at = counts, now
-            inference = (_percentile(self._inference_ms, 50), _percentile(self._inference_ms, 99))
-            age_last, age_p99 = self._last_age, _percentile(self._age_s, 99)
-            age_p50 = _percentile(self._age_s, 50)
-            stages = {name: _percentile(times, 50) for name, times in self._stages.items()}
-            callback_p99 = _percentile(self._stages['callback'], 99)
+            inference = (
+                _pct(self._inference_ms, 50),
+                _pct(self._inference_ms, 99),
+            )
+            age_last, age_p99 = self._last_age, _pct(self._age_s, 99)
+            age_p50 = _pct(self._age_s, 50)
+            stages = {name: _pct(times, 50) for name, times in self._stages.items()}
+            callback_p99 = _pct(self._stages['callback'], 99)
         grew = {name: counts[name] - previous[name] for name in COUNTERS}
 
         def rate(name: str) -> str:

@@ -44,6 +44,7 @@ import numpy as np
 from malpi_ros.bagio import reader as bagio
 from malpi_ros.errors import ConfigError, MalpiError
 from malpi_ros.processes import SHARE_DIR, installed, ros_env, stop_process
+from malpi_ros.runtime.node_stats import percentile
 from malpi_ros.sim.plot import plot_trajectories
 from malpi_ros.sim.record import RecordConfig, RecordResult, record_expert
 from malpi_ros.sim.track import get_track
@@ -125,20 +126,16 @@ class DriveResult:
             'fork_accuracy': right / forks if forks else None,
             'mean_speed': float(p.get('mean_speed', 0.0)),
             'sim_time': float(p.get('time', 0.0)),
-            'latency_p50_ms': _percentile(self.inference_ms, 50),
-            'latency_p99_ms': _percentile(self.inference_ms, 99),
-            'frame_to_output_p50_ms': _percentile(self.frame_to_output_ms, 50),
-            'frame_to_output_p99_ms': _percentile(self.frame_to_output_ms, 99),
+            'latency_p50_ms': percentile(self.inference_ms, 50),
+            'latency_p99_ms': percentile(self.inference_ms, 99),
+            'frame_to_output_p50_ms': percentile(self.frame_to_output_ms, 50),
+            'frame_to_output_p99_ms': percentile(self.frame_to_output_ms, 99),
             'policy_steps': int(self.inference_ms.size),
             'max_steps_since_reset': self.steps_since_reset_max,
             'stopped_by': self.stopped_by,
             'wall_seconds': round(self.wall_seconds, 1),
             'offline': self.offline,
         }
-
-
-def _percentile(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if values.size else None
 
 
 # --- pure helpers -------------------------------------------------------------------------------
