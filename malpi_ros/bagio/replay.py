@@ -20,20 +20,25 @@ Timing follows the bag's *receive* times (the recorder's clock, one clock for ev
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from malpi_ros.bagio.reader import IMAGE_TYPES
 from malpi_ros.checks import is_number
-from malpi_ros.errors import ConfigError
+from malpi_ros.errors import ConfigError, MalpiError
 from malpi_ros.figures import figure
+from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate
 from malpi_ros.runtime.node_stats import percentile
+
+if TYPE_CHECKING:
+    from malpi_ros.learn.evaluate import EvaluationReport
 
 # Topics of these types are published best effort (sensor-data QoS), as camera drivers do.
 SENSOR_TYPES = frozenset(IMAGE_TYPES)
@@ -684,3 +689,98 @@ def plot_replay(report: ReplayReport, path: str | Path) -> Path:
         title = f'{Path(report.bundle).name} on {Path(report.bag).name}: human vs policy action'
         fig.suptitle(title + (' (interrupted)' if report.interrupted else ''))
     return Path(path)
+
+
+# -- replay-eval scoring (pure: the node side only collects) --------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An output of the node as it arrived."""
+
+    at: float  # time.monotonic() of its arrival
+    action: int
+    step: int
+    enabled: bool
+
+
+def plan_frames(
+    evaluation: EvaluationReport, bag_start_ns: int
+) -> tuple[list[FramePlan], list[int]]:
+    """Evaluation's frames in time order, and each one's receive time (ns) in the bag."""
+    plans: list[FramePlan] = []
+    stamps: list[int] = []
+    for ep in evaluation.episodes:
+        for i in range(len(ep)):
+            t_ns = round(float(ep.stamps[i]) * 1e9)
+            plans.append(
+                FramePlan(
+                    episode=ep.index,
+                    index=i,
+                    bag_time=(t_ns - bag_start_ns) * 1e-9,
+                    label=int(ep.labels[i]),
+                    offline_action=int(ep.actions[i]),
+                )
+            )
+            stamps.append(t_ns)
+    if any(b <= a for a, b in itertools.pairwise(stamps)):
+        raise MalpiError('evaluation episodes are not in the time order of the bag')
+    return plans, stamps
+
+
+def node_param(cfg: ReplayEvalConfig, name: str, default: Any) -> Any:
+    """A policy_node parameter as the replayed node will have it (for the realtime verdicts)."""
+    given = dict(cfg.node_params).get(name)
+    if given is None:
+        return default
+    if isinstance(default, bool):
+        return given.lower() == 'true'
+    try:
+        return type(default)(given)
+    except ValueError as err:
+        raise ConfigError(f'node parameter {name}: expected a number, got {given!r}') from err
+
+
+def frame_results(
+    sent: Sequence[tuple[int, float] | None],
+    outputs: dict[int, Seen],
+    command_times: Sequence[float],
+    gate: FrameGate | None,
+) -> list[FrameResult]:
+    """One FrameResult per planned frame, from what was sent (stamp ns, monotonic send time;
+    None: not published), the node's outputs by stamp and the arrival times of its commands.
+    ``gate``: the node's frame gate replayed (realtime runs), to tell skipped from late from
+    lost."""
+    commands = np.asarray(command_times, np.float64)
+    publish_times = np.asarray([s[1] for s in sent if s is not None], np.float64)  # ascending
+    results = []
+    for item in sent:
+        if item is None:
+            results.append(FrameResult(published=False))
+            continue
+        stamp, at = item
+        seen = outputs.get(stamp)
+        verdict = None
+        if gate is not None:
+            decision = gate.decide(stamp * 1e-9, stamp * 1e-9)
+            verdict = decision.verdict
+            if seen is not None:
+                gate.stepped(decision.time)
+        if seen is None:
+            reason = 'missing'
+            if verdict == SKIPPED:
+                reason = 'skipped'
+            elif verdict == LATE:
+                reason = 'late'
+            results.append(FrameResult(published=True, reason=reason))
+            continue
+        latency = seen.at - at
+        if seen.enabled:
+            # Its command: the first cmd_vel after it and before the next frame went out.
+            after = int(np.searchsorted(publish_times, at, side='right'))
+            until = publish_times[after] if after < len(publish_times) else np.inf
+            first = int(np.searchsorted(commands, at, side='left'))
+            if first < len(commands) and commands[first] < until:
+                latency = float(commands[first] - at)
+        results.append(FrameResult(True, seen.action, seen.step, latency))
+    return results

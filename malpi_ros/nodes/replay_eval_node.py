@@ -41,11 +41,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import rclpy
 from geometry_msgs.msg import Twist
 from rclpy.context import Context
@@ -62,10 +60,14 @@ from malpi_ros.bagio.replay import (
     FrameResult,
     ReplayEvalConfig,
     ReplayReport,
+    Seen,
     Throttle,
     choose_qos,
     episode_report,
+    frame_results,
     node_arguments,
+    node_param,
+    plan_frames,
     restamp_cdr,
 )
 from malpi_ros.errors import ConfigError, MalpiError
@@ -77,7 +79,7 @@ from malpi_ros.nodes.record_node import Recorder
 from malpi_ros.nodes.topics import SETTLE, qos_profile, wait_until
 from malpi_ros.processes import installed, stop_process
 from malpi_ros.runtime.bundle import load_bundle
-from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate
+from malpi_ros.runtime.frame_gate import FrameGate
 
 NODE_NAME = 'replay_eval'
 RUN_BAG = 'run_bag'
@@ -91,16 +93,6 @@ NODE_STOP_TIMEOUT = 10.0
 RESULTS_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE
 )
-
-
-@dataclass(frozen=True)
-class Seen:
-    """An output of the node as it arrived."""
-
-    at: float  # time.monotonic() of its arrival
-    action: int
-    step: int
-    enabled: bool
 
 
 class ReplayEvalNode(Node):
@@ -256,92 +248,28 @@ def _tail(path: Path, lines: int = 15) -> str:
 # -- the plan ---------------------------------------------------------------------------------
 
 
-def plan_frames(
-    evaluation: EvaluationReport, bag_start_ns: int
-) -> tuple[list[FramePlan], list[int]]:
-    """Evaluation's frames in time order, and each one's receive time (ns) in the bag."""
-    plans: list[FramePlan] = []
-    stamps: list[int] = []
-    for ep in evaluation.episodes:
-        for i in range(len(ep)):
-            t_ns = round(float(ep.stamps[i]) * 1e9)
-            plans.append(
-                FramePlan(
-                    episode=ep.index,
-                    index=i,
-                    bag_time=(t_ns - bag_start_ns) * 1e-9,
-                    label=int(ep.labels[i]),
-                    offline_action=int(ep.actions[i]),
-                )
-            )
-            stamps.append(t_ns)
-    if any(b <= a for a, b in itertools.pairwise(stamps)):
-        raise MalpiError('evaluation episodes are not in the time order of the bag')
-    return plans, stamps
-
-
-def _param(cfg: ReplayEvalConfig, name: str, default: Any) -> Any:
-    """A policy_node parameter as the replayed node will have it (for the realtime verdicts)."""
-    given = dict(cfg.node_params).get(name)
-    if given is None:
-        return default
-    if isinstance(default, bool):
-        return given.lower() == 'true'
-    try:
-        return type(default)(given)
-    except ValueError as err:
-        raise ConfigError(f'node parameter {name}: expected a number, got {given!r}') from err
-
-
 def _results(
     cfg: ReplayEvalConfig,
     node: ReplayEvalNode,
     sent: Sequence[tuple[int, float] | None],
     dt: float,
 ) -> list[FrameResult]:
-    """One FrameResult per planned frame, from what was sent and what came back."""
+    """Score what was sent against what came back (``replay.frame_results``); in realtime runs
+    with the node's frame gate, set up as the replayed node has it."""
     outputs, times = node.snapshot()
-    commands = np.asarray(times, np.float64)
     gate = None
-    if cfg.realtime:  # replay the node's own frame gate to tell skipped from late from lost
+    if cfg.realtime:
         gate = FrameGate(
             dt,
-            max_frame_age=_param(cfg, 'max_frame_age', PARAMETERS['max_frame_age'].default),
-            reset_after_gap=_param(cfg, 'reset_after_gap', PARAMETERS['reset_after_gap'].default),
-            respect_dt=_param(cfg, 'respect_dt', PARAMETERS['respect_dt'].default),
+            max_frame_age=_param(cfg, 'max_frame_age'),
+            reset_after_gap=_param(cfg, 'reset_after_gap'),
+            respect_dt=_param(cfg, 'respect_dt'),
         )
-    publish_times = np.asarray([s[1] for s in sent if s is not None], np.float64)  # ascending
-    results = []
-    for item in sent:
-        if item is None:
-            results.append(FrameResult(published=False))
-            continue
-        stamp, at = item
-        seen = outputs.get(stamp)
-        verdict = None
-        if gate is not None:
-            decision = gate.decide(stamp * 1e-9, stamp * 1e-9)
-            verdict = decision.verdict
-            if seen is not None:
-                gate.stepped(decision.time)
-        if seen is None:
-            reason = 'missing'
-            if verdict == SKIPPED:
-                reason = 'skipped'
-            elif verdict == LATE:
-                reason = 'late'
-            results.append(FrameResult(published=True, reason=reason))
-            continue
-        latency = seen.at - at
-        if seen.enabled:
-            # Its command: the first cmd_vel after it and before the next frame went out.
-            after = int(np.searchsorted(publish_times, at, side='right'))
-            until = publish_times[after] if after < len(publish_times) else np.inf
-            first = int(np.searchsorted(commands, at, side='left'))
-            if first < len(commands) and commands[first] < until:
-                latency = float(commands[first] - at)
-        results.append(FrameResult(True, seen.action, seen.step, latency))
-    return results
+    return frame_results(sent, outputs, times, gate)
+
+
+def _param(cfg: ReplayEvalConfig, name: str) -> Any:
+    return node_param(cfg, name, PARAMETERS[name].default)
 
 
 # -- the replay -------------------------------------------------------------------------------
