@@ -741,6 +741,19 @@ def node_param(cfg: ReplayEvalConfig, name: str, default: Any) -> Any:
         raise ConfigError(f'node parameter {name}: expected a number, got {given!r}') from err
 
 
+def episode_reports(
+    plans: Sequence[FramePlan], results: Sequence[FrameResult]
+) -> tuple[EpisodeReport, ...]:
+    """One report per episode, from the plans (in episode order, ``plan_frames``) and their
+    results."""
+    reports = []
+    pairs = zip(plans, results, strict=True)
+    for _, group in itertools.groupby(pairs, key=lambda pair: pair[0].episode):
+        chosen = list(group)
+        reports.append(episode_report([p for p, _ in chosen], [r for _, r in chosen]))
+    return tuple(reports)
+
+
 def frame_results(
     sent: Sequence[tuple[int, float] | None],
     outputs: dict[int, Seen],

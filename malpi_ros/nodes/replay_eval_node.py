@@ -33,7 +33,6 @@ partial report says ``interrupted``.
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -63,7 +62,7 @@ from malpi_ros.bagio.replay import (
     Seen,
     Throttle,
     choose_qos,
-    episode_report,
+    episode_reports,
     frame_results,
     node_arguments,
     node_param,
@@ -350,14 +349,7 @@ def replay_eval(
         commands_received = 0
         recorder.start()
         try:
-            env = dict(os.environ, PYTHONUNBUFFERED='1')
-            env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-            with node_log.open('wb') as log_file:
-                command = [*policy_node_command(), *node_args]
-                say(f'starting {" ".join(command)}')
-                proc = subprocess.Popen(
-                    command, env=env, stdout=log_file, stderr=subprocess.STDOUT
-                )
+            proc = _start_policy_node(node_args, node_log, say)
             with _Graph(cfg, compressed) as node:
                 interrupted = not _wait_ready(node, recorder, proc, cfg, stop, node_log)
                 if not interrupted:
@@ -381,32 +373,46 @@ def replay_eval(
             summary = recorder.stop()
             say(summary.describe())
 
-    episodes = []
-    pairs = zip(plans, results, strict=True)
-    for _, group in itertools.groupby(pairs, key=lambda pair: pair[0].episode):
-        chosen = list(group)  # plans come in episode order (plan_frames)
-        episodes.append(episode_report([p for p, _ in chosen], [r for _, r in chosen]))
     return ReplayReport(
         bundle=str(bundle),
         bag=str(bag),
         image_topic=topics.image_topic,
         names=tuple(evaluation.action_names),
-        episodes=tuple(episodes),
+        episodes=episode_reports(plans, results),
         interrupted=interrupted,
         image_messages=image_messages,
         commands_received=commands_received,
-        settings={
-            'realtime': cfg.realtime,
-            'rate': cfg.rate,
-            'reset_each_episode': cfg.reset_each_episode,
-            'backend': cfg.backend,
-            'frame_timeout': cfg.frame_timeout,
-            'namespace': cfg.namespace,
-            'policy_node_arguments': node_args,
-            'run_bag': str(out / RUN_BAG),
-            'evaluation_dataset': {'gap': evaluation.dataset.gap, 'lag': evaluation.dataset.lag},
-        },
+        settings=_settings(cfg, node_args, out, evaluation),
     )
+
+
+def _start_policy_node(
+    node_args: list[str], node_log: Path, say: Callable[[str], None]
+) -> subprocess.Popen[bytes]:
+    """The policy_node under test, its output into ``node_log``."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    with node_log.open('wb') as log_file:
+        command = [*policy_node_command(), *node_args]
+        say(f'starting {" ".join(command)}')
+        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _settings(
+    cfg: ReplayEvalConfig, node_args: list[str], out: Path, evaluation: EvaluationReport
+) -> dict[str, Any]:
+    """How the run was made, for report.json."""
+    return {
+        'realtime': cfg.realtime,
+        'rate': cfg.rate,
+        'reset_each_episode': cfg.reset_each_episode,
+        'backend': cfg.backend,
+        'frame_timeout': cfg.frame_timeout,
+        'namespace': cfg.namespace,
+        'policy_node_arguments': node_args,
+        'run_bag': str(out / RUN_BAG),
+        'evaluation_dataset': {'gap': evaluation.dataset.gap, 'lag': evaluation.dataset.lag},
+    }
 
 
 def _wait_ready(
