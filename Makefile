@@ -1,4 +1,5 @@
-# Two commands (README): `make test` and `make demo`. Everything else is a step of those two.
+# Two commands (README): `make test` and `make demo`. Everything else is a step of those two,
+# plus `make check`, the edit-test loop (README "Tests").
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ export ROS_DOMAIN_ID ?= 42
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test demo compare install build lint format bench constraints clean
+.PHONY: test check demo compare install build lint format bench constraints clean
 
 # The venv, with every version pinned by constraints.txt (ros-* wheels included).
 $(VENV)/.installed: requirements.txt requirements-build.txt requirements-dev.txt constraints.txt
@@ -29,12 +30,18 @@ install: $(VENV)/.installed
 build: install
 	flock $(BUILD).lock tools/build.sh $(VENV) $(BUILD)
 
-# Every test, against the installed package (run from test/ so the source tree cannot shadow it).
-test: build
+# Lint, then every test against the installed package (run from test/ so the source tree cannot
+# shadow it).
+test: build lint
 	cd test && ../$(VENV)/bin/pytest -p no:cacheprovider
 
+# The edit-test loop: an incremental build, then every test not marked slow (under 2 min on
+# 2 cores). One file: `make build && cd test && ../.venv/bin/pytest -p no:cacheprovider FILE`.
+check: build
+	cd test && ../$(VENV)/bin/pytest -p no:cacheprovider -m 'not slow' -q
+
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
@@ -48,7 +55,7 @@ bench: build
 # to demo_runs/<timestamp>/. -P: the installed package, not this source tree (no messages here).
 # DEMO_ARGS: e.g. DEMO_ARGS='--laps 5' or DEMO_ARGS='--bundle demo_runs/<run>/bundle'.
 demo: build
-	$(PY) -P -m malpi_ros.demo --out demo_runs $(DEMO_ARGS)
+	$(PY) -P -m malpi_ros.sim.demo --out demo_runs $(DEMO_ARGS)
 
 # The LSTM with its state carried against window policies (the peers' way: the last K frames
 # re-run every step) at the short and the long memory horizon, in-process (no ROS).

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'test'))  # bagfact
 import numpy as np
 from bagfactory import write_bag
 
-from malpi_ros import bags
+from malpi_ros.bagio import reader as bags
 from malpi_ros.commands.inspect import inspect_bag
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
-from malpi_ros.dataset import load_recordings
-from malpi_ros.image import decode
+from malpi_ros.learn.dataset import load_recordings
+from malpi_ros.runtime.image import decode
 
 
 def _timed(label: str, frames: int, func) -> float:

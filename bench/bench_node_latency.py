@@ -51,7 +51,7 @@ import numpy as np
 import psutil
 from machine import describe
 
-from malpi_ros.runtime_litert import auto_threads
+from malpi_ros.runtime.litert import auto_threads
 
 VENV = Path(sys.prefix)
 NODE = VENV / 'lib' / 'malpi_ros' / 'policy_node'
@@ -60,9 +60,9 @@ HEIGHT, WIDTH = 120, 160
 BUILD_BUNDLE = """
 import sys
 import keras
-from malpi_ros.bundle import save_bundle
+from malpi_ros.learn.export import save_bundle
 from malpi_ros.config import PolicyConfig
-from malpi_ros.model import build_sequence_model
+from malpi_ros.learn.model import build_sequence_model
 keras.utils.set_random_seed(0)
 config = PolicyConfig()
 save_bundle(sys.argv[1], build_sequence_model(config.model), config, dt=float(sys.argv[2]),

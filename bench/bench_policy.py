@@ -138,7 +138,7 @@ def stage_rows(
     camera: np.ndarray, config: PolicyConfig, frames: int
 ) -> list[tuple[str, np.ndarray]]:
     """Decode, fit and normalize alone, as ``Policy.step`` runs them (reused output buffer)."""
-    from malpi_ros import image
+    from malpi_ros.runtime import image
 
     height, width = camera.shape[1:3]
     messages = [
@@ -190,7 +190,7 @@ def seed_model(sequence_model, cfg: ModelConfig):
 CHILD = """
 import json, resource, sys, time
 import numpy as np
-from malpi_ros.policy import Policy
+from malpi_ros.runtime.policy import Policy
 policy = Policy.from_bundle(sys.argv[1], backend='litert', num_threads=2)
 policy.step(np.zeros((120, 160, 3), np.uint8))
 done = time.time()
@@ -242,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from malpi_ros import image
-    from malpi_ros.bundle import save_bundle
-    from malpi_ros.model import build_sequence_model
-    from malpi_ros.policy import Policy
-    from malpi_ros.runtime_keras import KerasStep
-    from malpi_ros.runtime_litert import LiteRTStep
+    from malpi_ros.learn.export import save_bundle
+    from malpi_ros.learn.keras_step import KerasStep
+    from malpi_ros.learn.model import build_sequence_model
+    from malpi_ros.runtime import image
+    from malpi_ros.runtime.litert import LiteRTStep
+    from malpi_ros.runtime.policy import Policy
 
     config = PolicyConfig()
     cfg = config.model

@@ -34,10 +34,10 @@ import numpy as np
 from bagfactory import synthetic_drive, write_bag
 
 from malpi_ros.config import DatasetConfig, PolicyConfig
-from malpi_ros.dataset import load_recordings
-from malpi_ros.model import build_sequence_model
-from malpi_ros.pipeline import WindowSource, make_dataset
-from malpi_ros.train import compile_model
+from malpi_ros.learn.dataset import load_recordings
+from malpi_ros.learn.model import build_sequence_model
+from malpi_ros.learn.pipeline import WindowSource, make_dataset
+from malpi_ros.learn.train import compile_model
 
 
 def _source(rec, cfg: DatasetConfig, policy: PolicyConfig) -> WindowSource:

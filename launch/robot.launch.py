@@ -41,7 +41,7 @@ def generate_launch_description():
             DeclareLaunchArgument(
                 'params_file',
                 default_value=PathJoinSubstitution(
-                    [FindPackageShare('malpi_ros'), 'config', 'robot.yaml']
+                    [FindPackageShare('malpi_ros'), 'config', 'nodes', 'robot.yaml']
                 ),
                 description='parameters of both nodes (node_name: ros__parameters: ...)',
             ),

@@ -1,9 +1,9 @@
-"""The simulated MaLPi: sim_node, policy_node and motor_driver_node with config/sim.yaml.
+"""The simulated MaLPi: sim_node, policy_node and motor_driver_node with config/nodes/sim.yaml.
 
     ros2 launch malpi_ros sim.launch.py bundle:=/path/to/bundle [reset_every_frame:=true]
 
-The same graph ``make demo`` (``malpi_ros.demo``) starts process by process on machines without
-``ros2 launch``: same parameter file, same remaps (``REMAPS`` below; the demo's test checks
+The same graph ``make demo`` (``malpi_ros.sim.demo``) starts process by process on machines
+without ``ros2 launch``: same parameter file, same remaps (``REMAPS`` below; the demo's test checks
 they agree). Watch it with ``ros2 topic echo /sim_node/progress``.
 """
 
@@ -15,31 +15,36 @@ REMAPS = {
     'policy_node': [('image', '/camera/image_raw')],
     'motor_driver_node': [],
 }
-ARGUMENTS = {
-    'bundle': ('', 'the model bundle directory (malpi-ros train --out ...)'),
-    'backend': ('litert', 'policy runtime: litert | keras'),
-    'reset_every_frame': ('false', 'the ablation: reset the LSTM state before every frame'),
-    'params_file': ('', 'parameter file (default: share/malpi_ros/config/sim.yaml)'),
-}
 
 
 def generate_launch_description():
-    from pathlib import Path
-
-    from ament_index_python.packages import get_package_share_directory
+    # Imported here: launch and launch_ros come with a ROS install (apt), not from PyPI, and the
+    # tests read this file without them.
     from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument
-    from launch.substitutions import LaunchConfiguration
+    from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
     from launch_ros.actions import Node
+    from launch_ros.substitutions import FindPackageShare
 
-    default_params = str(Path(get_package_share_directory('malpi_ros')) / 'config' / 'sim.yaml')
     declared = [
         DeclareLaunchArgument(
-            name,
-            default_value=default_params if name == 'params_file' else default,
-            description=doc,
-        )
-        for name, (default, doc) in ARGUMENTS.items()
+            'bundle', description='model bundle directory, malpi-ros train --out (required)'
+        ),
+        DeclareLaunchArgument(
+            'backend', default_value='litert', description='policy runtime: litert | keras'
+        ),
+        DeclareLaunchArgument(
+            'reset_every_frame',
+            default_value='false',
+            description='the ablation: reset the LSTM state before every frame',
+        ),
+        DeclareLaunchArgument(
+            'params_file',
+            default_value=PathJoinSubstitution(
+                [FindPackageShare('malpi_ros'), 'config', 'nodes', 'sim.yaml']
+            ),
+            description='parameters of the three nodes (node_name: ros__parameters: ...)',
+        ),
     ]
     params = LaunchConfiguration('params_file')
     nodes = [

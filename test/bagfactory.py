@@ -7,7 +7,7 @@ and receive times are both ``t`` unless told otherwise. ``synthetic_drive`` and
 every frame, the second only in a cue frame several blank frames before the frame that needs it
 (the "does the LSTM remember" task of DESIGN §4).
 
-The image encoding here is written independently of ``malpi_ros.image`` on purpose: a test
+The image encoding here is written independently of ``malpi_ros.runtime.image`` on purpose: a test
 helper that shared the decoder's code could not catch the decoder's mistakes.
 """
 
@@ -23,13 +23,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
 
+from malpi_ros.bagio import formats
+from malpi_ros.bagio.writer import BagWriter
 from malpi_ros.config import ActionTable
 
-STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
-_STORE = get_typestore(getattr(Stores, 'ROS2_KILTED', Stores.LATEST))
+_STORE = formats.typestore()
 
 # (t seconds, rgb uint8 (H, W, 3) or (H, W)) or (t, rgb, field overrides for that message)
 Frame = tuple[float, np.ndarray] | tuple[float, np.ndarray, Mapping[str, Any]]
@@ -180,8 +179,7 @@ def write_bag(
     (an offset imitates a sender on another clock). Messages are written in time order.
     """
     path = Path(path)
-    if storage not in STORAGES:
-        raise ValueError(f'storage must be one of {sorted(STORAGES)}, got {storage!r}')
+    formats.check_storage(storage)
     image_type = 'sensor_msgs/msg/CompressedImage' if compressed else 'sensor_msgs/msg/Image'
     cmd_type = 'geometry_msgs/msg/TwistStamped' if stamped else 'geometry_msgs/msg/Twist'
     records: list[tuple[int, str, str, Any]] = []  # (t ns, topic, msgtype, message)
@@ -205,17 +203,16 @@ def write_bag(
         records.append((_ns(t), topic, msgtype, msg))
     records.sort(key=lambda r: r[0])
 
-    with Writer(path, version=9, storage_plugin=STORAGES[storage]) as writer:
-        connections: dict[str, Any] = {}
+    with BagWriter(path, storage, store=_STORE) as writer:
         # Declare the main topics even when empty, so a bag 'with a topic but no messages'
         # can be written.
         declared = [(image_topic, image_type), (cmd_topic, cmd_type)]
         declared += [(topic, msgtype) for _, topic, msgtype, _ in records]
         for topic, msgtype in declared:
-            if topic is not None and topic not in connections:
-                connections[topic] = writer.add_connection(topic, msgtype, typestore=_STORE)
-        for t_ns, topic, msgtype, msg in records:
-            writer.write(connections[topic], t_ns, _STORE.serialize_cdr(msg, msgtype))
+            if topic is not None:
+                writer.add_topic(topic, msgtype)
+        for t_ns, topic, _, msg in records:
+            writer.write(topic, t_ns, msg)
     return path
 
 

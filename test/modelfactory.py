@@ -36,7 +36,7 @@ def tiny_sequence_model(config: PolicyConfig, seed: int = 0) -> Any:
     import keras
     import numpy as np
 
-    from malpi_ros.model import build_sequence_model
+    from malpi_ros.learn.model import build_sequence_model
 
     keras.utils.set_random_seed(seed)
     model = build_sequence_model(config.model)
@@ -65,7 +65,7 @@ def make_tiny_bundle(
     ``always``: an action name the policy then picks on every frame (its output layer ignores
     the state), for tests that need a robot that keeps driving.
     """
-    from malpi_ros.bundle import save_bundle
+    from malpi_ros.learn.export import save_bundle
 
     config = tiny_config(height, width, actions)
     model = tiny_sequence_model(config, seed)

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from malpi_ros import processes
 from malpi_ros.processes import stop_process
 
 VENV = Path(sys.prefix)
-NODE_DIR = VENV / 'lib' / 'malpi_ros'
-SHARE_DIR = VENV / 'share' / 'malpi_ros'
+NODE_DIR = processes.NODE_DIR  # the installed executables (lib/malpi_ros)
+SHARE_DIR = processes.SHARE_DIR  # launch/, config/ as installed
 REPO = Path(__file__).resolve().parents[1]
 
 # Domain ids 1..100 (Fast DDS's safe range); start at an offset from the pid so that two test
@@ -33,14 +34,7 @@ for _ in range(os.getpid() % 97):
 
 def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
     """An environment for a child process: own domain, localhost discovery, venv on PATH."""
-    env = dict(os.environ)
-    env['ROS_DOMAIN_ID'] = str(next(_domain_ids) if domain_id is None else domain_id)
-    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    env['PATH'] = f'{VENV / "bin"}{os.pathsep}{env.get("PATH", "")}'
-    env['PYTHONUNBUFFERED'] = '1'
-    env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-    env.update(extra)
-    return env
+    return processes.ros_env(next(_domain_ids) if domain_id is None else domain_id, **extra)
 
 
 @contextmanager
@@ -103,3 +97,27 @@ def limit_file_size(max_bytes: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
     return apply
+
+
+def stale_install(source: Path, installed: Path) -> list[str]:
+    """Files of the source tree ``source`` that differ from the installed copy ``installed``.
+
+    Tests import the installed package (CMake copies), so an edit not yet installed would be
+    silently left untested: every ``.py`` here must match byte for byte, and no ``.py`` may be
+    installed that the sources no longer have (a moved module would otherwise keep working).
+    The generated messages (``msg/``) exist only in the install and are left out."""
+    if source.resolve() == installed.resolve():
+        return []
+    differ = []
+    for src in sorted(source.rglob('*.py')):
+        rel = src.relative_to(source)
+        dst = installed / rel
+        if not dst.is_file():
+            differ.append(f'{rel} (not installed)')
+        elif dst.read_bytes() != src.read_bytes():
+            differ.append(f'{rel} (changed)')
+    for dst in sorted(installed.rglob('*.py')):
+        rel = dst.relative_to(installed)
+        if rel.parts[0] != 'msg' and not (source / rel).is_file():
+            differ.append(f'{rel} (installed, not in the sources)')
+    return differ

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from malpi_ros.actions import ActionSelector, label_for, labels_for, twist_for
 from malpi_ros.config import Action, ActionTable, from_dict, to_dict
 from malpi_ros.errors import ConfigError, DatasetError, MalpiError
+from malpi_ros.runtime.actions import ActionSelector, label_for, labels_for, twist_for
 
 TABLE = ActionTable()  # stop, forward, left, right, backward
 # A table whose stop action is not first, with wider limits: normalization must matter.

@@ -1,4 +1,4 @@
-"""malpi_ros.bags on real rosbag2 bags written by bagfactory: both storages, raw and jpeg
+"""malpi_ros.bagio.reader on real rosbag2 bags written by bagfactory: both storages, raw and jpeg
 images, Twist and TwistStamped, single storage files, stamps, hashes and every bad input."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from bagfactory import image_msg, mcap_file, synthetic_drive, twist_msg, typestore, write_bag
 
-from malpi_ros import bags
+from malpi_ros.bagio import reader as bags
 from malpi_ros.errors import BagError
-from malpi_ros.image import decode
+from malpi_ros.runtime.image import decode
 
 DRIVE = synthetic_drive(20, dt=0.1, start=50.0, seed=3)
 

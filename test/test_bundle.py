@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from modelfactory import make_tiny_bundle, tiny_config, tiny_sequence_model
 
-from malpi_ros import bundle as bundle_mod
-from malpi_ros import export
-from malpi_ros.bundle import load_bundle, save_bundle
 from malpi_ros.errors import BundleError, ConfigError
+from malpi_ros.learn import export
+from malpi_ros.learn.export import save_bundle
+from malpi_ros.runtime import bundle as bundle_mod
+from malpi_ros.runtime.bundle import load_bundle
 
 
 @pytest.fixture(scope='module')
@@ -68,8 +69,8 @@ def test_round_trip_keeps_config_and_metadata(good):
 
 
 def test_both_model_files_give_the_same_step(good):
-    from malpi_ros.runtime_keras import KerasStep
-    from malpi_ros.runtime_litert import LiteRTStep
+    from malpi_ros.learn.keras_step import KerasStep
+    from malpi_ros.runtime.litert import LiteRTStep
 
     b = load_bundle(good)
     rng = np.random.default_rng(0)
@@ -284,8 +285,8 @@ def test_save_checks_its_arguments_before_writing(tmp_path, kwargs, expected):
 
 
 def test_export_check_catches_a_model_that_differs(good):
-    from malpi_ros.model import build_step_model
-    from malpi_ros.runtime_litert import LiteRTStep
+    from malpi_ros.learn.model import build_step_model
+    from malpi_ros.runtime.litert import LiteRTStep
 
     other = build_step_model(tiny_config().model, tiny_sequence_model(tiny_config(), seed=9))
     runtime = LiteRTStep(load_bundle(good).tflite_path)
@@ -296,7 +297,7 @@ def test_export_check_catches_a_model_that_differs(good):
 def test_keras_runtime_loads_in_safe_mode_only(tmp_path):
     import keras
 
-    from malpi_ros.runtime_keras import KerasStep
+    from malpi_ros.learn.keras_step import KerasStep
 
     inputs = keras.Input((None, 24, 32, 3))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
@@ -307,7 +308,7 @@ def test_keras_runtime_loads_in_safe_mode_only(tmp_path):
 
 
 def test_a_file_that_is_not_litert_is_refused(tmp_path):
-    from malpi_ros.runtime_litert import LiteRTStep
+    from malpi_ros.runtime.litert import LiteRTStep
 
     path = tmp_path / 'junk.tflite'
     path.write_bytes(b'not a flatbuffer' * 10)
@@ -317,7 +318,7 @@ def test_a_file_that_is_not_litert_is_refused(tmp_path):
 
 def test_factory_takes_other_sizes_and_action_tables(tmp_path):
     from malpi_ros.config import Action, ActionTable
-    from malpi_ros.policy import Policy
+    from malpi_ros.runtime.policy import Policy
 
     table = ActionTable(
         actions=(Action('stop', 0.0, 0.0), Action('go', 0.3, 0.0), Action('spin', 0.0, 1.0))
@@ -393,14 +394,14 @@ def test_every_step_of_a_save_leaves_a_loadable_bundle(good, tmp_path, monkeypat
             absent.append(step)
         snapshots[step] = Path(shutil.copytree(work, tmp_path / f'crash-{step}'))
 
-    monkeypatch.setattr(bundle_mod, '_checkpoint', checkpoint)
+    monkeypatch.setattr(bundle_mod, 'checkpoint', checkpoint)
     save_bundle(target, model, tiny_config(), dt=0.2, seq_len=5)
     expected = STEPS if exchange else [*STEPS[:4], 'old-aside', *STEPS[4:]]
     assert list(snapshots) == expected
     assert absent == ([] if exchange else ['old-aside'])
     assert load_bundle(target).dt == 0.2 and _leftovers(work) == []
 
-    monkeypatch.setattr(bundle_mod, '_checkpoint', lambda step: None)
+    monkeypatch.setattr(bundle_mod, 'checkpoint', lambda step: None)
     for step, crashed in snapshots.items():
         leftovers = _leftovers(crashed)
         assert leftovers or step == 'cleaned', step  # a kill there leaves a temp dir

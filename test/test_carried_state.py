@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from modelfactory import TINY_UNITS, tiny_config, tiny_sequence_model
 
-from malpi_ros.carried_state import CarriedStateTrainer, predict_episodes
 from malpi_ros.config import DatasetConfig
-from malpi_ros.dataset import (
+from malpi_ros.errors import ConfigError
+from malpi_ros.learn.carried_state import CarriedStateTrainer, predict_episodes
+from malpi_ros.learn.dataset import (
     PLAN_EPISODE,
     PLAN_LENGTH,
     PLAN_SINCE_RESET,
@@ -18,10 +19,9 @@ from malpi_ros.dataset import (
     Episode,
     chunk_plan,
 )
-from malpi_ros.errors import ConfigError
-from malpi_ros.image import normalize
-from malpi_ros.model import SEQUENCE_INPUT, build_carried_model
-from malpi_ros.pipeline import ChunkSource, make_chunk_dataset
+from malpi_ros.learn.model import SEQUENCE_INPUT, build_carried_model
+from malpi_ros.learn.pipeline import ChunkSource, make_chunk_dataset
+from malpi_ros.runtime.image import normalize
 
 LENGTHS = [95, 7, 160, 33]
 

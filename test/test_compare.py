@@ -7,7 +7,7 @@ import pytest
 from support import REPO
 
 from malpi_ros.sim.compare import format_table, held_bytes, run_compare
-from malpi_ros.sim_record import RecordConfig
+from malpi_ros.sim.record import RecordConfig
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""malpi_ros.dataset: labels from hand-made timestamps, episodes, windows, the validation split,
+"""learn.dataset: labels from hand-made timestamps, episodes, windows, the validation split,
 and load_recordings on real bags (cache, malformed frames, NaN commands, every bad input)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from bagfactory import cue_memory_drive, mcap_file, synthetic_drive, write_bag, zero_png
 
-from malpi_ros import dataset as ds
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
 from malpi_ros.errors import BagError, DatasetError
-from malpi_ros.image import fit_frame
+from malpi_ros.learn import dataset as ds
+from malpi_ros.runtime.image import fit_frame
 
 TABLE = ActionTable()  # stop, forward, left, right, backward
 STOP, FORWARD, LEFT, RIGHT = 0, 1, 2, 3

@@ -19,16 +19,16 @@ import pytest
 import yaml
 from support import NODE_DIR, SHARE_DIR, ros_env
 
-from malpi_ros import bags, demo
+from malpi_ros.bagio import reader as bags
 from malpi_ros.config import PreprocessConfig
-from malpi_ros.image import decode, fit_frame
-from malpi_ros.policy_node_config import PARAMETERS as POLICY_PARAMETERS
-from malpi_ros.sim import RobotConfig, SimConfig, SimWorld, integrate
-from malpi_ros.sim_record import RecordConfig, _Disturbance, _expert_step, record_expert
+from malpi_ros.nodes.policy_node_config import PARAMETERS as POLICY_PARAMETERS
+from malpi_ros.runtime.image import decode, fit_frame
+from malpi_ros.sim import RobotConfig, SimConfig, SimWorld, demo, integrate
+from malpi_ros.sim.record import RecordConfig, _Disturbance, _expert_step, record_expert
 
 CLI = str(NODE_DIR / 'malpi-ros')
 SIM_TRAIN = SHARE_DIR / 'config' / 'sim_train.yaml'
-SIM_YAML = SHARE_DIR / 'config' / 'sim.yaml'
+SIM_YAML = SHARE_DIR / 'config' / 'nodes' / 'sim.yaml'
 
 
 @pytest.fixture(scope='module')
@@ -247,7 +247,7 @@ def test_train_one_tiny_epoch_then_drive_the_graph_for_a_few_seconds(expert_bag,
     )
     assert train.returncode == 0, train.stdout + train.stderr
     meta = json.loads(next(bundle.glob('*.json')).read_text())
-    assert 'dt' in json.dumps(meta)
+    assert meta['dt'] == pytest.approx(0.1, rel=1e-3)  # the simulator's frame period
 
     env = ros_env()
     run_dir = demo.new_run_dir(tmp_path / 'runs')

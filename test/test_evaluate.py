@@ -18,13 +18,13 @@ import pytest
 from bagfactory import mcap_file, synthetic_drive, write_bag
 from modelfactory import make_tiny_bundle
 
-from malpi_ros import bags as bagio
-from malpi_ros.bundle import load_bundle
+from malpi_ros.bagio import reader as bagio
 from malpi_ros.cli import main
 from malpi_ros.config import DatasetConfig, to_dict
-from malpi_ros.evaluate import dataset_config_of, evaluate_bundle
-from malpi_ros.image import decode
-from malpi_ros.policy import Policy
+from malpi_ros.learn.evaluate import dataset_config_of, evaluate_bundle
+from malpi_ros.runtime.bundle import load_bundle
+from malpi_ros.runtime.image import decode
+from malpi_ros.runtime.policy import Policy
 
 EPISODES = (23, 17)  # frames per episode; a 5 s pause between them splits the bag
 
@@ -203,8 +203,8 @@ def _small_drive() -> dict:
 def test_cached_frames_step_like_decoded_frames_for_a_cropping_bundle(data):
     """A crop makes fit_frame non-idempotent: stepping a cached (cropped, resized) frame with
     Policy.step would crop it twice; Policy.step_fitted gives what step gives on the raw frame."""
-    from malpi_ros.image import fit_frame
-    from malpi_ros.runtime_litert import LiteRTStep
+    from malpi_ros.runtime.image import fit_frame
+    from malpi_ros.runtime.litert import LiteRTStep
 
     bundle = load_bundle(data['bundle'])
     cropped = replace(bundle.config, preprocess=replace(bundle.config.preprocess, crop_top=0.25))
@@ -221,7 +221,7 @@ def test_cached_frames_step_like_decoded_frames_for_a_cropping_bundle(data):
 def test_litert_without_parity_never_imports_tensorflow(data):
     code = (
         'import sys\n'
-        'from malpi_ros.evaluate import evaluate_bundle\n'
+        'from malpi_ros.learn.evaluate import evaluate_bundle\n'
         f'r = evaluate_bundle({str(data["bundle"])!r}, [{str(data["bag"])!r}], parity=False)\n'
         'assert r.frames > 0\n'
         "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
@@ -234,7 +234,7 @@ def test_litert_without_parity_never_imports_tensorflow(data):
 
 
 def test_accuracy_by_frames_since_reset_buckets_each_frame_by_its_distance_from_the_reset():
-    from malpi_ros.evaluate import EpisodeResult, accuracy_since_reset
+    from malpi_ros.learn.evaluate import EpisodeResult, accuracy_since_reset
 
     def episode(labels: list[int], actions: list[int]) -> EpisodeResult:
         n = len(labels)

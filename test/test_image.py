@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from malpi_ros.config import PreprocessConfig
 from malpi_ros.errors import ConfigError, DecodeError
-from malpi_ros.frame_size import compressed_size
-from malpi_ros.image import (
+from malpi_ros.runtime.frame_size import compressed_size
+from malpi_ros.runtime.image import (
     ENCODINGS,
     decode,
     encode_image_fields,

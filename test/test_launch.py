@@ -1,4 +1,4 @@
-"""Launch files and config/robot.yaml against the nodes they start.
+"""Launch files and config/nodes/robot.yaml against the nodes they start.
 
 ``launch_ros`` is not installable from PyPI, so the launch description itself is only checked
 where it is importable (a ROS install); here that test is reported as skipped. What runs
@@ -27,12 +27,12 @@ from rosgraph import graph
 from sensor_msgs.msg import Image
 from support import NODE_DIR, SHARE_DIR, ros_env, running
 
-from malpi_ros import image
 from malpi_ros.msg import PolicyOutput
-from malpi_ros.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.nodes.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.runtime import image
 
 LAUNCH_DIR = SHARE_DIR / 'launch'
-ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
+ROBOT_YAML = SHARE_DIR / 'config' / 'nodes' / 'robot.yaml'
 
 
 NODE_MODULES = {'policy_node', 'motor_driver_node', 'sim_node'}
@@ -40,7 +40,7 @@ NODE_MODULES = {'policy_node', 'motor_driver_node', 'sim_node'}
 
 def declared_parameters(exe: str) -> set[str]:
     """Parameter names a node executable declares (its module's PARAMETERS table)."""
-    return set(importlib.import_module(f'malpi_ros.{exe}').PARAMETERS)
+    return set(importlib.import_module(f'malpi_ros.nodes.{exe}').PARAMETERS)
 
 
 def node_topics(exe: str) -> set[str]:
@@ -50,10 +50,10 @@ def node_topics(exe: str) -> set[str]:
     string literals its module passes as topic names to ``create_subscription`` /
     ``create_publisher``.
     """
-    config = f'malpi_ros.{exe}_config'
+    config = f'malpi_ros.nodes.{exe}_config'
     if importlib.util.find_spec(config) is not None:
         return set(importlib.import_module(config).TOPICS)
-    module = importlib.import_module(f'malpi_ros.{exe}')
+    module = importlib.import_module(f'malpi_ros.nodes.{exe}')
     tree = ast.parse(Path(module.__file__).read_text())
     return {
         call.args[1].value
@@ -145,9 +145,9 @@ def launch_problems(source: str, params_yaml: dict[str, Any]) -> list[str]:
 
 
 def params_yaml_for(launch_file: Path) -> dict[str, Any]:
-    """config/<name>.yaml for launch/<name>.launch.py: the file the launch passes by default."""
+    """config/nodes/<name>.yaml for launch/<name>.launch.py: the file it passes by default."""
     name = launch_file.name.removesuffix('.launch.py')
-    return yaml.safe_load((SHARE_DIR / 'config' / f'{name}.yaml').read_text())
+    return yaml.safe_load((SHARE_DIR / 'config' / 'nodes' / f'{name}.yaml').read_text())
 
 
 def launch_files() -> list[Path]:
@@ -206,16 +206,25 @@ def test_robot_launch_respawns_the_motor_driver_quickly():
     assert 0 < _resolve(driver.get('respawn_delay'), literals) <= 1.0
 
 
+def _holds_node_parameters(path: Path) -> bool:
+    data = yaml.safe_load(path.read_text())
+    return isinstance(data, dict) and any(
+        isinstance(v, dict) and 'ros__parameters' in v for v in data.values()
+    )
+
+
 def node_param_files() -> list[Path]:
-    """config/*.yaml files that hold node parameters (node: ros__parameters: ...)."""
-    files = []
-    for path in sorted((SHARE_DIR / 'config').glob('*.yaml')):
-        data = yaml.safe_load(path.read_text())
-        if isinstance(data, dict) and any(
-            isinstance(v, dict) and 'ros__parameters' in v for v in data.values()
-        ):
-            files.append(path)
-    return files
+    """config/nodes/*.yaml: the node parameter files (node: ros__parameters: ...)."""
+    return sorted((SHARE_DIR / 'config' / 'nodes').glob('*.yaml'))
+
+
+def test_node_parameter_files_and_training_recipes_live_apart():
+    nodes = node_param_files()
+    assert [p.name for p in nodes] == ['motor_driver.yaml', 'robot.yaml', 'sim.yaml']
+    assert all(_holds_node_parameters(p) for p in nodes)
+    recipes = sorted((SHARE_DIR / 'config').glob('*.yaml'))
+    assert {p.name for p in recipes} >= {'sim_train.yaml', 'train_example.yaml'}
+    assert not [p.name for p in recipes if _holds_node_parameters(p)]
 
 
 @pytest.mark.parametrize('path', node_param_files(), ids=lambda p: p.name)

@@ -18,9 +18,9 @@ import pytest
 from bagfactory import cue_memory_drive, write_bag
 
 from malpi_ros import cli
-from malpi_ros.bundle import load_bundle
 from malpi_ros.config import DatasetConfig, TrainConfig
-from malpi_ros.evaluate import evaluate_bundle
+from malpi_ros.learn.evaluate import evaluate_bundle
+from malpi_ros.runtime.bundle import load_bundle
 
 HEIGHT, WIDTH = 48, 64
 EPOCHS = 24

@@ -1,4 +1,4 @@
-"""malpi_ros.metrics: counts and scores checked against hand-worked examples."""
+"""malpi_ros.learn.metrics: counts and scores checked against hand-worked examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from malpi_ros.errors import MalpiError
-from malpi_ros.metrics import (
+from malpi_ros.learn.metrics import (
     agreement,
     classification_metrics,
     confusion_matrix,

@@ -14,7 +14,7 @@ from modelfactory import TINY_UNITS, tiny_config, tiny_sequence_model
 
 from malpi_ros.config import ModelConfig
 from malpi_ros.errors import ConfigError
-from malpi_ros.model import (
+from malpi_ros.learn.model import (
     build_sequence_model,
     build_step_model,
     compile_for_training,

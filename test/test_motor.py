@@ -11,7 +11,7 @@ import yaml
 from support import SHARE_DIR
 
 from malpi_ros.errors import ConfigError, MotorError
-from malpi_ros.motor import (
+from malpi_ros.runtime.motor import (
     MOTORKIT_PIP,
     MotorConfig,
     SimBackend,
@@ -193,7 +193,7 @@ def test_config_errors_say_what_was_received(field, value, message):
 
 @pytest.mark.parametrize('name', ['motor_driver.yaml', 'robot.yaml'])
 def test_installed_config_files_hold_a_valid_motor_config(name):
-    params = yaml.safe_load((SHARE_DIR / 'config' / name).read_text())
+    params = yaml.safe_load((SHARE_DIR / 'config' / 'nodes' / name).read_text())
     params = dict(params['motor_driver_node']['ros__parameters'])
     assert params.pop('backend') == 'motorkit'
     assert params.pop('watchdog_rate') > 0

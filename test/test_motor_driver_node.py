@@ -1,7 +1,7 @@
 """motor_driver_node as installed, in its own process, driven over a real DDS graph.
 
 The test joins the node's domain with ``rosgraph.graph``, publishes ``cmd_vel`` and reads the
-sim backend's ``~/wheels``; the expected throttles come from ``malpi_ros.motor.mix``.
+sim backend's ``~/wheels``; the expected throttles come from ``malpi_ros.runtime.motor.mix``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from rosgraph import Graph, Inbox, Received, graph
 from std_msgs.msg import Float32MultiArray
 from support import NODE_DIR, SHARE_DIR, ros_env, running, stop, wait_for
 
-from malpi_ros.motor import MOTORKIT_PIP, MotorConfig, SimBackend, mix
-from malpi_ros.motor_driver_node import MotorDriverNode
+from malpi_ros.nodes.motor_driver_node import MotorDriverNode
+from malpi_ros.runtime.motor import MOTORKIT_PIP, MotorConfig, SimBackend, mix
 
 pytestmark = pytest.mark.ros
 
 NODE = str(NODE_DIR / 'motor_driver_node')
 WHEELS = '/motor_driver_node/wheels'
-ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
+ROBOT_YAML = SHARE_DIR / 'config' / 'nodes' / 'robot.yaml'
 PERIOD = 0.05  # 20 Hz, a policy's command rate
 
 

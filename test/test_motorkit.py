@@ -21,13 +21,13 @@ from geometry_msgs.msg import Twist
 from rosgraph import graph
 from support import NODE_DIR, SHARE_DIR, ros_env, running, wait_for
 
-from malpi_ros.motor import MotorConfig, mix
+from malpi_ros.runtime.motor import MotorConfig, mix
 
 pytestmark = pytest.mark.ros
 
 NODE = str(NODE_DIR / 'motor_driver_node')
 CLI = str(NODE_DIR / 'malpi-ros')
-ROBOT_YAML = SHARE_DIR / 'config' / 'robot.yaml'
+ROBOT_YAML = SHARE_DIR / 'config' / 'nodes' / 'robot.yaml'
 
 FAKE_MOTORKIT = '''
 """Stand-in for adafruit_motorkit: the interface the driver uses, writes logged to a file."""

@@ -14,7 +14,8 @@ import malpi_ros
 
 def test_tests_import_the_installed_package_not_the_sources():
     installed = Path(malpi_ros.__file__).resolve()
-    assert VENV.resolve() in installed.parents, installed
+    # The venv (make build) or a colcon install/ (colcon test): where the executables are too.
+    assert NODE_DIR.parents[1].resolve() in installed.parents, (installed, NODE_DIR)
     assert REPO / 'malpi_ros' not in installed.parents
 
 
@@ -80,3 +81,41 @@ def test_malpi_ros_is_on_the_venvs_path_and_runs_without_activation(tmp_path):
         out.stderr.strip()
         == f'malpi-ros inspect: error: bag {tmp_path / "nothing"}: no such file or directory'
     )
+
+
+@pytest.mark.slow
+def test_colcon_builds_and_tests_the_package_in_a_fresh_workspace(tmp_path):
+    """What a robot does: colcon build, then colcon test, of a copy of the tracked files,
+    against the pip ROS (so CMakeLists.txt and package.xml are checked by the real tool)."""
+    colcon = VENV / 'bin' / 'colcon'
+    assert colcon.exists(), 'colcon-common-extensions is in requirements-dev.txt: run make install'
+    files = subprocess.run(
+        ['git', 'ls-files', '-z'], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b'\0')
+    src = tmp_path / 'src' / 'malpi_ros'
+    for name in filter(None, files):
+        target = src / name.decode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / name.decode()).read_bytes())
+    env = ros_env(AMENT_PREFIX_PATH=str(VENV))
+    build = subprocess.run(
+        [str(colcon), 'build', '--merge-install', '--event-handlers', 'console_direct-',
+         '--cmake-args', f'-DPython3_EXECUTABLE={sys.executable}', '-DBUILD_TESTING=ON',
+         f'-DCMAKE_PROJECT_INCLUDE={src / "cmake" / "pip_ros_include_fix.cmake"}'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    install = tmp_path / 'install'
+    assert (install / 'lib' / 'malpi_ros' / 'policy_node').is_file()
+    assert (install / 'share' / 'malpi_ros' / 'config' / 'nodes' / 'robot.yaml').is_file()
+    # The registered suite, narrowed to a few files (the whole of it is make test's job).
+    env['PYTEST_ADDOPTS'] = "-k 'fast_loop or package_install and not colcon or output_msg'"
+    test = subprocess.run(
+        [str(colcon), 'test', '--merge-install', '--return-code-on-test-failure',
+         '--event-handlers', 'console_direct-'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    log = tmp_path / 'build' / 'malpi_ros' / 'ament_cmake_pytest' / 'malpi_ros_pytest.txt'
+    out = log.read_text() if log.exists() else test.stdout + test.stderr
+    assert test.returncode == 0, out[-4000:]
+    assert ' passed' in out and ' failed' not in out, out[-2000:]

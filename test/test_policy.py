@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from modelfactory import TINY_CONVS, TINY_UNITS, make_tiny_bundle
 
-from malpi_ros import image
-from malpi_ros.actions import ActionSelector
-from malpi_ros.bundle import load_bundle
 from malpi_ros.errors import ConfigError
-from malpi_ros.policy import Policy, StepResult
-from malpi_ros.runtime_litert import LiteRTStep, auto_threads
+from malpi_ros.runtime import image
+from malpi_ros.runtime.actions import ActionSelector
+from malpi_ros.runtime.bundle import load_bundle
+from malpi_ros.runtime.litert import LiteRTStep, auto_threads
+from malpi_ros.runtime.policy import Policy, StepResult
 
 FRAMES = 40
 BACKENDS = ('litert', 'keras')
@@ -198,8 +198,8 @@ def test_litert_process_never_imports_tensorflow(bundle_dir, tmp_path):
     script = f"""
 import json, sys
 import numpy as np
-from malpi_ros import actions, image
-from malpi_ros.policy import Policy
+from malpi_ros.runtime import actions, image
+from malpi_ros.runtime.policy import Policy
 policy = Policy.from_bundle({str(bundle_dir)!r}, backend='litert')
 result = policy.step(np.full((48, 64, 3), 128, np.uint8))
 roots = {{name.split('.')[0] for name in sys.modules}}

@@ -37,10 +37,10 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 from support import NODE_DIR, ros_env, running, stop, wait_for
 
-from malpi_ros import image
-from malpi_ros.actions import ActionSelector, twist_for
 from malpi_ros.msg import PolicyOutput
-from malpi_ros.policy import Policy, StepResult
+from malpi_ros.runtime import image
+from malpi_ros.runtime.actions import ActionSelector, twist_for
+from malpi_ros.runtime.policy import Policy, StepResult
 
 pytestmark = pytest.mark.ros
 

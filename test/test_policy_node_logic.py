@@ -8,7 +8,8 @@ import math
 import pytest
 
 from malpi_ros.errors import ConfigError
-from malpi_ros.frame_gate import (
+from malpi_ros.nodes.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.runtime.frame_gate import (
     DT_TOLERANCE,
     LATE,
     SKIPPED,
@@ -17,8 +18,7 @@ from malpi_ros.frame_gate import (
     SilenceWatch,
     SimClockWatch,
 )
-from malpi_ros.node_stats import ERROR, OK, STAGES, WARN, NodeStats
-from malpi_ros.policy_node_config import PARAMETER_NAMES, PARAMETERS, PolicyNodeConfig
+from malpi_ros.runtime.node_stats import ERROR, OK, STAGES, WARN, NodeStats
 
 T0 = 1_700_000_000.0  # a wall-clock stamp, as cameras give
 
@@ -196,7 +196,7 @@ def test_config_defaults_match_the_parameter_table_and_robot_yaml():
     from support import REPO
 
     assert set(PARAMETER_NAMES) == {f.name for f in dataclasses.fields(PolicyNodeConfig)}
-    documented = yaml.safe_load((REPO / 'config' / 'robot.yaml').read_text())
+    documented = yaml.safe_load((REPO / 'config' / 'nodes' / 'robot.yaml').read_text())
     documented = documented['policy_node']['ros__parameters']
     # robot.yaml lists every parameter but the required bundle, with the node's own defaults.
     assert set(documented) == set(PARAMETER_NAMES) - {'bundle'}

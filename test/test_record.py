@@ -20,8 +20,8 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 from support import NODE_DIR, ros_env, running, small_disk, stop, wait_for
 
-from malpi_ros import bags as bagio
-from malpi_ros.image import decode
+from malpi_ros.bagio import reader as bagio
+from malpi_ros.runtime.image import decode
 
 pytestmark = pytest.mark.ros
 
@@ -222,7 +222,7 @@ def test_recorder_api_in_process_records_a_custom_message_type(tmp_path):
     from rosgraph import graph
 
     from malpi_ros.msg import PolicyOutput
-    from malpi_ros.record_node import Recorder
+    from malpi_ros.nodes.record_node import Recorder
 
     env = ros_env()
     domain = int(env['ROS_DOMAIN_ID'])

@@ -1,4 +1,4 @@
-"""malpi_ros.replay, the pure part of play and replay-eval: schedules, QoS, restamping, scores."""
+"""bagio.replay, the pure part of play and replay-eval: schedules, QoS, restamping, scores."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 from bagfactory import image_msg, twist_msg, typestore
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability
 
-from malpi_ros.errors import ConfigError
-from malpi_ros.replay import (
+from malpi_ros.bagio.replay import (
     REASONS,
     FramePlan,
     FrameResult,
@@ -20,9 +19,11 @@ from malpi_ros.replay import (
     PlayStats,
     ReplayEvalConfig,
     ReplayReport,
+    Seen,
     Throttle,
     choose_qos,
     episode_report,
+    frame_results,
     node_arguments,
     parse_param,
     parse_remap,
@@ -31,6 +32,8 @@ from malpi_ros.replay import (
     restamp_cdr,
     schedule,
 )
+from malpi_ros.errors import ConfigError
+from malpi_ros.runtime.frame_gate import FrameGate
 
 S = 1_000_000_000  # ns per second
 START = 1000 * S
@@ -377,3 +380,22 @@ def test_plot_replay_writes_a_png(tmp_path):
     path = plot_replay(make_report(), tmp_path / 'actions.png')
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert path.stat().st_size > 5000
+
+
+def test_frame_results_score_outputs_commands_and_the_replayed_gate():
+    """replay-eval's scoring without a node: what was sent against what came back."""
+    sent = [(START, 10.0), None, (START + S // 10, 10.1), (START + 2 * S, 12.0)]
+    outputs = {START: Seen(at=10.05, action=2, step=1, enabled=True)}
+    commands = [10.07, 12.5]  # the first answers frame 0; the second comes after the last frame
+    results = frame_results(sent, outputs, commands, gate=None)
+    assert results[0] == FrameResult(True, 2, 1, pytest.approx(0.07))  # latency to its cmd_vel
+    assert results[1] == FrameResult(published=False)
+    assert results[2] == FrameResult(published=True, reason='missing')
+    # The last frame's output came without an enabled command: latency to the output itself.
+    outputs[START + 2 * S] = Seen(at=12.2, action=0, step=2, enabled=False)
+    last = frame_results(sent, outputs, commands, gate=None)[3]
+    assert last == FrameResult(True, 0, 2, pytest.approx(0.2))
+    # Realtime: the node's own gate, replayed, says why a frame has no output.
+    gate = FrameGate(0.2, max_frame_age=1.0, reset_after_gap=5.0, respect_dt=True)
+    gated = frame_results(sent, outputs, commands, gate)
+    assert gated[2].reason == 'skipped'  # 0.1 s after a stepped frame, faster than dt 0.2

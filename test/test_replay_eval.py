@@ -20,7 +20,7 @@ from bagfactory import synthetic_drive, write_bag
 from rosbags.highlevel import AnyReader
 from support import NODE_DIR, ros_env, running, stop, wait_for
 
-from malpi_ros.evaluate import evaluate_bundle
+from malpi_ros.learn.evaluate import evaluate_bundle
 
 pytestmark = pytest.mark.ros
 

@@ -416,3 +416,14 @@ def test_plot_writes_a_png_of_the_run(tmp_path) -> None:
     )
     img = cv2.imread(str(path))
     assert img is not None and img.shape[0] > 200 and img.shape[1] > 500
+    blank = cv2.imread(
+        str(plot_trajectories(world.track, {}, tmp_path / 'map.png', title='expert'))
+    )
+    assert blank.shape == img.shape
+    # The trajectory is drawn in matplotlib's first line colour (tab:blue, BGR 180 119 31),
+    # which the map alone does not contain.
+    blue = np.all(np.abs(img.astype(int) - (180, 119, 31)) <= 10, axis=2)
+    assert (
+        blue.sum() > 200
+        and not np.all(np.abs(blank.astype(int) - (180, 119, 31)) <= 10, axis=2).any()
+    )

@@ -1,7 +1,7 @@
 """sim_node as installed, in its own process, driven over a real DDS graph.
 
 The closed-loop test wires the demo's graph (sim_node + motor_driver_node with the installed
-config/sim.yaml) and puts the simulator's expert behind the topics: it reads ``~/pose`` and
+config/nodes/sim.yaml) and puts the simulator's expert behind the topics: it reads ``~/pose`` and
 ``~/progress`` and answers every frame with a ``cmd_vel``, so laps and fork decisions in
 ``~/progress`` can only come from commands that went through the motor driver's ``~/wheels``.
 The pure parts of the node (config, command hold, progress report) are tested without a graph.
@@ -27,16 +27,16 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from support import NODE_DIR, SHARE_DIR, ros_env, running, wait_for
 
-from malpi_ros import motor_driver_node, sim_node
 from malpi_ros.errors import ConfigError
-from malpi_ros.image import decode
-from malpi_ros.motor import MotorConfig, mix
+from malpi_ros.nodes import motor_driver_node, sim_node
+from malpi_ros.nodes.sim_node import CommandHold, SimNodeConfig, progress_report, yaw_quaternion
+from malpi_ros.runtime.image import decode
+from malpi_ros.runtime.motor import MotorConfig, mix
 from malpi_ros.sim import CUE_BRANCH, Expert, Pose, SimWorld, twist_to_wheels
-from malpi_ros.sim_node import CommandHold, SimNodeConfig, progress_report, yaw_quaternion
 
 SIM = str(NODE_DIR / 'sim_node')
 DRIVER = str(NODE_DIR / 'motor_driver_node')
-SIM_YAML = SHARE_DIR / 'config' / 'sim.yaml'
+SIM_YAML = SHARE_DIR / 'config' / 'nodes' / 'sim.yaml'
 PROGRESS = '/sim_node/progress'
 POSE = '/sim_node/pose'
 
@@ -252,6 +252,19 @@ def test_cmd_vel_input_moves_the_robot_stale_commands_stop_it_and_reset(tmp_path
         proc.send_signal(sig)
         assert proc.wait(10) == 0, log.read_text()
     assert f'{sig.name}: exiting' in log.read_text()
+
+
+@pytest.mark.ros
+def test_ros2_param_set_is_refused_for_every_parameter_like_on_the_other_nodes(tmp_path):
+    """Read once at start (one node skeleton): a run-time change is refused, not ignored."""
+    env = ros_env()
+    log = tmp_path / 'sim.log'
+    with graph(int(env['ROS_DOMAIN_ID'])) as g, running([SIM], env, log) as proc:
+        for name, value in (('rate', 20.0), ('input', 'cmd_vel'), ('use_sim_time', True)):
+            result = g.set_parameter('/sim_node', name, value)
+            assert not result.successful, (name, log.read_text())
+            assert 'read-only' in result.reason, (name, result.reason)
+        assert proc.poll() is None
 
 
 def test_bad_parameters_exit_non_zero_naming_them():

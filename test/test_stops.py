@@ -26,7 +26,7 @@ from rosgraph import graph
 from std_msgs.msg import Float32MultiArray
 from support import NODE_DIR, ros_env, running, stop
 
-from malpi_ros.motor import MotorConfig, mix
+from malpi_ros.runtime.motor import MotorConfig, mix
 
 pytestmark = pytest.mark.ros
 

@@ -19,14 +19,14 @@ from modelfactory import make_tiny_bundle
 from support import NODE_DIR, limit_file_size, ros_env, small_disk
 
 from malpi_ros import cli, diskspace
-from malpi_ros import train as train_module
-from malpi_ros.bags import storage_files
-from malpi_ros.bundle import load_bundle, sha256_file
+from malpi_ros.bagio.reader import storage_files
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
-from malpi_ros.dataset import load_recordings
 from malpi_ros.errors import DatasetError
-from malpi_ros.image import normalize
-from malpi_ros.pipeline import WindowSource, class_weights, make_dataset
+from malpi_ros.learn import train as train_module
+from malpi_ros.learn.dataset import load_recordings
+from malpi_ros.learn.pipeline import WindowSource, class_weights, make_dataset
+from malpi_ros.runtime.bundle import load_bundle, sha256_file
+from malpi_ros.runtime.image import normalize
 
 TINY_YAML = """
 model:
@@ -369,7 +369,7 @@ def test_a_cache_on_a_full_disk_is_one_error_not_a_bus_error(tmp_path):
     script = f"""
 import sys
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
-from malpi_ros.dataset import load_recordings
+from malpi_ros.learn.dataset import load_recordings
 from malpi_ros.errors import StorageError
 try:
     load_recordings([{str(bag)!r}], PreprocessConfig(height=24, width=32),

@@ -13,13 +13,14 @@ from bagfactory import synthetic_drive, write_bag
 from modelfactory import tiny_config, tiny_sequence_model
 
 from malpi_ros import cli
-from malpi_ros.bundle import load_bundle, save_bundle
 from malpi_ros.errors import BundleError, ConfigError
-from malpi_ros.evaluate import evaluate_bundle
-from malpi_ros.image import normalize
-from malpi_ros.policy import Policy
-from malpi_ros.runtime_litert import LiteRTStep
-from malpi_ros.sequence_runtime import SequenceModel
+from malpi_ros.learn.evaluate import evaluate_bundle
+from malpi_ros.learn.export import save_bundle
+from malpi_ros.learn.sequence_runtime import SequenceModel
+from malpi_ros.runtime.bundle import load_bundle
+from malpi_ros.runtime.image import normalize
+from malpi_ros.runtime.litert import LiteRTStep
+from malpi_ros.runtime.policy import Policy
 
 K = 3
 

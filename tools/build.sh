@@ -23,5 +23,10 @@ cmake -S "$src" -B "$build" \
   -DCMAKE_PROJECT_INCLUDE="$src/cmake/pip_ros_include_fix.cmake" \
   >"$build.configure.log" 2>&1 || { cat "$build.configure.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)" >"$build.build.log" 2>&1 || { tail -50 "$build.build.log"; exit 1; }
+# cmake --install only adds and overwrites: a module moved or deleted in the sources would live
+# on in the installed copy and hide a broken import (or a moved config file). Install the
+# package, its launch files and config afresh each time.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -rf "$site/malpi_ros" "$venv/share/malpi_ros/launch" "$venv/share/malpi_ros/config"
 cmake --install "$build" >"$build.install.log" 2>&1 || { cat "$build.install.log"; exit 1; }
 echo "malpi_ros installed into $venv"

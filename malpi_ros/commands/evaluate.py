@@ -26,7 +26,10 @@ import json
 import sys
 from pathlib import Path
 
-BACKENDS = ('litert', 'keras')  # malpi_ros.policy.BACKENDS; not imported here to keep --help fast
+BACKENDS = (
+    'litert',
+    'keras',
+)  # malpi_ros.runtime.policy.BACKENDS; not imported here to keep --help fast
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from malpi_ros.evaluate import evaluate_bundle, write_report
+    from malpi_ros.learn.evaluate import evaluate_bundle, write_report
 
     def log(line: str) -> None:
         if not args.json:

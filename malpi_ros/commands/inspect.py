@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from malpi_ros import bags as bagio
+from malpi_ros.bagio import reader as bagio
 from malpi_ros.config import ActionTable, DatasetConfig, from_dict, to_dict
 from malpi_ros.config_file import build_configs, read_config_file
-from malpi_ros.dataset import align_labels, split_episodes, training_units
 from malpi_ros.errors import BagError, DatasetError, DecodeError
+from malpi_ros.learn.dataset import align_labels, split_episodes, training_units
 
 SAMPLE_FRAMES = 5  # image messages decoded per bag to report sizes and encodings
 
@@ -128,7 +128,7 @@ class _DecodeProbe:
     def offer(self, raw: Any, topic: str) -> None:
         if self.decoded:
             return
-        from malpi_ros.image import decode  # cv2: only where a frame is decoded
+        from malpi_ros.runtime.image import decode  # cv2: only where a frame is decoded
 
         self.tried += 1
         try:
@@ -145,7 +145,7 @@ def _image_formats(
     """Sizes and encodings of the sampled frames, with how many of them had each."""
     if topics is None:
         return []
-    from malpi_ros.image import decode  # cv2: only where a compressed frame needs it
+    from malpi_ros.runtime.image import decode  # cv2: only where a compressed frame needs it
 
     seen: Counter[tuple[str, str]] = Counter()
     for raw in samples:

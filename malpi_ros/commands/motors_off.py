@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from malpi_ros.errors import ConfigError, MotorError
-from malpi_ros.motor import MotorConfig, MotorKitBackend, halt
+from malpi_ros.runtime.motor import MotorConfig, MotorKitBackend, halt
 
 NODE_NAME = 'motor_driver_node'
 _FIELDS = {f.name for f in dataclasses.fields(MotorConfig)}

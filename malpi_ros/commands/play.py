@@ -78,7 +78,7 @@ def build_parser(prog: str = 'malpi-ros play') -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from malpi_ros.replay import PlayConfig, parse_remap
+    from malpi_ros.bagio.replay import PlayConfig, parse_remap
 
     cfg = PlayConfig(
         rate=args.rate,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         delay=args.delay,
     )
     # rclpy only from here: the CLI's --help and the ROS-free verbs must not need it.
-    from malpi_ros.player_node import play
+    from malpi_ros.nodes.player_node import play
     from malpi_ros.signals import stop_on_signals
 
     tty = sys.stderr.isatty()
@@ -116,3 +116,10 @@ def run(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     print(stats.describe(), flush=True)
     return 0
+
+
+def node_main(args: list[str] | None = None) -> None:
+    """The ``player_node`` executable: this verb's parser handed to the node (ROS glue, lazily)."""
+    from malpi_ros.nodes import player_node
+
+    player_node.main(build_parser('player_node'), run, args)

@@ -92,7 +92,7 @@ def build_parser(prog: str = 'malpi-ros record') -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # rclpy only here: the CLI's --help and the ROS-free verbs must not need it.
-    from malpi_ros.record_node import record
+    from malpi_ros.nodes.record_node import record
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -108,3 +108,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(summary.describe(), flush=True)
     return 1 if summary.error else 0
+
+
+def node_main(args: list[str] | None = None) -> None:
+    """The ``record_node`` executable: this verb's parser handed to the node (ROS glue, lazily)."""
+    from malpi_ros.nodes import record_node
+
+    record_node.main(build_parser('record_node'), args)

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from malpi_ros import recording
+    from malpi_ros.bagio import recording
 
     print(recording.describe(recording.recover(args.bag)), flush=True)
     return 0

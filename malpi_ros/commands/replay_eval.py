@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from malpi_ros.replay import ReplayEvalConfig, parse_param, plot_replay
+    from malpi_ros.bagio.replay import ReplayEvalConfig, parse_param, plot_replay
 
     cfg = ReplayEvalConfig(
         backend=args.backend,
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         node_params=tuple(parse_param(p) for p in args.param),
     )
     # rclpy only from here: the CLI's --help and the ROS-free verbs must not need it.
-    from malpi_ros.replay_eval_node import check_out, evaluate_offline, replay_eval
+    from malpi_ros.nodes.replay_eval_node import check_out, evaluate_offline, replay_eval
     from malpi_ros.signals import stop_on_signals
 
     def log(line: str) -> None:

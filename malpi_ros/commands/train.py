@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from malpi_ros.train import train  # TensorFlow: only when training
+    from malpi_ros.learn.train import train  # TensorFlow: only when training
 
     where = str(args.config) if args.config is not None else 'settings'
     policy, dataset, train_cfg = build_configs(read_config_file(args.config), vars(args), where)

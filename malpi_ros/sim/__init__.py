@@ -31,7 +31,7 @@ from malpi_ros.sim.track import (
     TrackPoint,
     get_track,
 )
-from malpi_ros.sim.world import ForkDecision, SimConfig, SimWorld, StepResult
+from malpi_ros.sim.world import ForkDecision, SimConfig, SimWorld, WorldStep
 
 __all__ = [
     'BRANCHES',
@@ -51,10 +51,10 @@ __all__ = [
     'RobotConfig',
     'SimConfig',
     'SimWorld',
-    'StepResult',
     'Track',
     'TrackConfig',
     'TrackPoint',
+    'WorldStep',
     'draw_lighting',
     'get_track',
     'integrate',

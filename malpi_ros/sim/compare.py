@@ -36,9 +36,9 @@ from typing import Any
 
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import MalpiError
+from malpi_ros.sim.record import RecordConfig, record_expert
 from malpi_ros.sim.track import HORIZONS, TrackConfig
 from malpi_ros.sim.world import SimConfig
-from malpi_ros.sim_record import RecordConfig, record_expert
 
 # Same expert data as the demo, fewer short drives: each kind trains on it.
 COMPARE_RECORDING = RecordConfig(
@@ -52,7 +52,7 @@ CARRIED_CHUNKS = {'short': 40, 'long': 128}
 _CHILD = """
 import json, sys
 import numpy as np
-from malpi_ros.policy import Policy
+from malpi_ros.runtime.policy import Policy
 policy = Policy.from_bundle(sys.argv[1], backend='litert', num_threads=1)
 frame = np.zeros((120, 160, 3), np.uint8)
 for _ in range(int(sys.argv[2]) + 1):
@@ -117,8 +117,8 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> list[Entry]:
     """Record, train and drive every kind at every horizon; returns the table's rows."""
-    from malpi_ros.demo import drive_offline
-    from malpi_ros.train import train  # TensorFlow: only here
+    from malpi_ros.learn.train import train  # TensorFlow: only here
+    from malpi_ros.sim.demo import drive_offline
 
     entries = []
     for horizon in horizons:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--train-config', type=Path, help='default: config/sim_train.yaml')
     parser.add_argument('--seed', type=int, default=11, help='sim seed of the drives')
     args = parser.parse_args(argv)
-    from malpi_ros.demo import default_file, new_run_dir
+    from malpi_ros.sim.demo import default_file, new_run_dir
 
     run_dir = new_run_dir(args.out).resolve()
     train_config = (args.train_config or default_file('config', 'sim_train.yaml')).resolve()

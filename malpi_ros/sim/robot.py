@@ -16,7 +16,7 @@ import numpy as np
 from malpi_ros.checks import non_negative, positive
 from malpi_ros.config import Action, ActionTable
 from malpi_ros.errors import ConfigError
-from malpi_ros.motor import wheel_throttles
+from malpi_ros.runtime.motor import wheel_throttles
 
 # Designed for one action per frame at 10 Hz (dt = 0.1 s): forward covers 3.5 cm a frame; a
 # turn is a 0.25 m-radius arc that keeps moving forward (0.1 rad a frame), tight enough for the

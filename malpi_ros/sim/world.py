@@ -106,7 +106,7 @@ class ForkDecision(NamedTuple):
     time: float
 
 
-class StepResult(NamedTuple):
+class WorldStep(NamedTuple):
     """What one step did, for loops that react to events."""
 
     pose: Pose
@@ -208,7 +208,7 @@ class SimWorld:
 
     # --- acting -------------------------------------------------------------------------------
 
-    def step(self, action: int | tuple[float, float], dt: float | None = None) -> StepResult:
+    def step(self, action: int | tuple[float, float], dt: float | None = None) -> WorldStep:
         """Apply an action index (from ``config.actions``) or (left, right) wheel throttles."""
         dt = self.config.dt if dt is None else dt
         if isinstance(action, int | np.integer) and not isinstance(action, bool):
@@ -227,13 +227,13 @@ class SimWorld:
             )
         return self._after_motion(dt)
 
-    def step_twist(self, linear: float, angular: float, dt: float | None = None) -> StepResult:
+    def step_twist(self, linear: float, angular: float, dt: float | None = None) -> WorldStep:
         """Apply a commanded twist (m/s, rad/s), as the ROS path's ``cmd_vel`` does."""
         dt = self.config.dt if dt is None else dt
         self.robot.step_twist(linear, angular, dt)
         return self._after_motion(dt)
 
-    def _after_motion(self, dt: float) -> StepResult:
+    def _after_motion(self, dt: float) -> WorldStep:
         track, length = self.track, self.track.length
         self.steps += 1
         self.time += dt
@@ -273,7 +273,7 @@ class SimWorld:
             self.robot.pose = track.pose_at(near.s, near.route)
             off, respawned = False, True
         self.off_track = off
-        return StepResult(self.robot.pose, off, event, respawned, lap_completed, decision)
+        return WorldStep(self.robot.pose, off, event, respawned, lap_completed, decision)
 
     def expert_action(self) -> int:
         """What the expert would do now (it knows this lap's branch; the policy does not)."""

@@ -1,0 +1,1 @@
+"""rosbag2 on disk with ``rosbags`` only: reading, the one writer, replay planning and scoring."""

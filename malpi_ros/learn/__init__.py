@@ -1,0 +1,1 @@
+"""Offline: dataset, tf.data pipeline, model, export, train, evaluate (the only TensorFlow)."""

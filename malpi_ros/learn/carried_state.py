@@ -1,0 +1,108 @@
+"""Training with the LSTM state carried across batches (truncated BPTT), and scoring that way.
+
+The robot never resets its LSTM between decisions: after minutes of driving its state is far
+from the zero state every training window of the seed's recipe starts from, and memory learned
+on such windows held only within a window's length of a reset (DESIGN §4). Here each batch row
+is a lane through an episode (``pipeline.ChunkSource``): the state a chunk ends with starts the
+lane's next chunk, so training sees the states the robot will reach; the gradient stops at
+chunk boundaries.
+
+``CarriedStateTrainer`` wraps ``model.build_carried_model`` (the sequence model's own layers)
+and keeps the state of each lane in non-trainable variables, one set for training and one for
+validation; a batch's ``reset`` flags zero a lane before it runs. Keras' ``fit``, callbacks and
+history work unchanged: the logs are ``loss`` and ``accuracy`` (weighted: burn-in steps and
+padding do not count), ``val_`` ones for validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from malpi_ros.config import ModelConfig, PreprocessConfig
+from malpi_ros.learn.dataset import Episode
+from malpi_ros.learn.model import SEQUENCE_INPUT, build_carried_model
+from malpi_ros.runtime.image import normalize
+
+
+class CarriedStateTrainer(keras.Model):
+    """Fits ``sequence_model`` on ``((x, reset), y, sample_weight)`` batches of ``lanes`` rows,
+    the LSTM state carried from each batch to the next (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, sequence_model: keras.Model, lanes: int) -> None:
+        super().__init__(name='carried_state_trainer')
+        self.net = build_carried_model(cfg, sequence_model)
+        self.lanes = lanes
+        shape = (lanes, cfg.lstm_units)
+        self.state = {
+            (phase, part): self.add_weight(
+                shape=shape, initializer='zeros', trainable=False, name=f'{phase}_{part}'
+            )
+            for phase in ('train', 'val')
+            for part in ('h', 'c')
+        }
+        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+        self.loss_tracker = keras.metrics.Mean(name='loss')
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name='accuracy')
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        return [self.loss_tracker, self.accuracy]
+
+    def _run(self, data: Any, phase: str, training: bool) -> tuple[Any, Any, Any, Any]:
+        (x, reset), y, weight = data
+        keep = 1.0 - tf.reshape(reset, (-1, 1))
+        h = self.state[phase, 'h'] * keep
+        c = self.state[phase, 'c'] * keep
+        out = self.net({SEQUENCE_INPUT: x, 'h': h, 'c': c}, training=training)
+        # Keras' own convention ('sum_over_batch_size'): the mean over all B*T steps.
+        loss = tf.reduce_mean(self.loss_fn(y, out['probs']) * weight)
+        return out, loss, y, weight
+
+    def _finish(self, phase: str, out: Any, loss: Any, y: Any, weight: Any) -> dict[str, Any]:
+        self.state[phase, 'h'].assign(tf.stop_gradient(out['h_next']))
+        self.state[phase, 'c'].assign(tf.stop_gradient(out['c_next']))
+        self.loss_tracker.update_state(loss)
+        self.accuracy.update_state(y, out['probs'], sample_weight=weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        with tf.GradientTape() as tape:
+            out, loss, y, weight = self._run(data, 'train', training=True)
+        variables = self.net.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        return self._finish('train', out, loss, y, weight)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        return self._finish('val', *self._run(data, 'val', training=False))
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        return self.net(inputs, training=training)
+
+
+def predict_episodes(
+    net: keras.Model,
+    episodes: Sequence[Episode],
+    preprocess: PreprocessConfig,
+    units: int,
+    chunk: int = 256,
+) -> list[np.ndarray]:
+    """Argmax actions of every frame of each episode, the state carried from the episode's
+    start (the robot's way), ``chunk`` frames at a time so long episodes fit in memory.
+    ``net`` is ``model.build_carried_model``'s."""
+    out = []
+    for episode in episodes:
+        h = np.zeros((1, units), np.float32)
+        c = np.zeros((1, units), np.float32)
+        actions = []
+        for start in range(0, len(episode), chunk):
+            x = normalize(episode.frames[start : start + chunk], preprocess)[None]
+            result = net({SEQUENCE_INPUT: x, 'h': h, 'c': c}, training=False)
+            h, c = np.asarray(result['h_next']), np.asarray(result['c_next'])
+            actions.append(np.argmax(np.asarray(result['probs'])[0], axis=-1))
+        out.append(np.concatenate(actions) if actions else np.zeros(0, np.int64))
+    return out

@@ -1,0 +1,281 @@
+"""Training windows as a ``tf.data`` stream: uint8 frames in, normalized float32 batches out.
+
+Frames stay uint8 where ``dataset.load_recordings`` put them (in memory, or a read-only memmap
+of the on-disk cache, so a recording larger than RAM trains); each batch is gathered from the
+episodes and normalized with ``image.normalize`` — the very function the robot runs on every
+frame (DESIGN §1: no second implementation of preprocessing, no train/serve skew).
+
+Two kinds of stream, one per ``DatasetConfig.state``:
+
+``carried`` (``ChunkSource``): a batch is ``((x, reset), y, sample_weight)`` with x
+(B, T, h, w, c): batch ``b`` row ``i`` continues where batch ``b - 1`` row ``i`` stopped
+(``dataset.chunk_plan``), and ``reset`` (B,) float32 is 1 where the state must start from zero;
+the trainer carries the LSTM state between batches. Batches stay in order (no shuffling of
+batches; the plan is drawn anew every epoch).
+
+``zero`` (``WindowSource``): a batch is ``(x, y, sample_weight)``:
+    x (B, W, h, w, c) float32, y (B, W) int32 action labels,
+    sample_weight (B, W) float32: 0 on the first ``burn_in`` steps of every window (the state is
+    warming up there and is not judged, DESIGN §4), the label's class weight elsewhere.
+
+Windows are shuffled every epoch from one seeded generator, so a run is repeatable; batches are
+assembled in parallel (numpy releases the GIL for the copies) and prefetched so the model never
+waits for the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from malpi_ros.config import PreprocessConfig
+from malpi_ros.errors import DatasetError
+from malpi_ros.learn.dataset import (
+    PLAN_EPISODE,
+    PLAN_LENGTH,
+    PLAN_SINCE_RESET,
+    PLAN_START,
+    Episode,
+    chunk_plan,
+)
+from malpi_ros.runtime.image import normalize
+
+
+def class_weights(labels: np.ndarray, num_actions: int, cap: float) -> np.ndarray:
+    """float32 (num_actions,) weights making every present action count alike, capped at ``cap``.
+
+    Weight ``k`` is ``n / (present * count_k)`` (balanced), capped so an action seen a handful of
+    times cannot dominate, then scaled so the average weight over the given labels is 1 (the loss
+    keeps its usual size, and the learning rate its meaning). Actions absent from ``labels``
+    get 0: there is nothing of theirs to weight.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    labels = labels[labels >= 0]
+    if labels.size == 0:
+        raise DatasetError('no labels to compute class weights from')
+    if not cap >= 1.0:
+        raise DatasetError(f'class weight cap must be >= 1, got {cap!r}')
+    counts = np.bincount(labels, minlength=num_actions).astype(np.float64)[:num_actions]
+    present = counts > 0
+    weights = np.zeros(num_actions, np.float64)
+    weights[present] = labels.size / (present.sum() * counts[present])
+    weights[present] = np.minimum(weights[present] / weights[present].min(), cap)
+    weights *= labels.size / float((weights * counts).sum())
+    return weights.astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class WindowSource:
+    """Windows of episodes, and everything needed to turn a list of them into a batch."""
+
+    episodes: Sequence[Episode]
+    index: np.ndarray  # int64 (N, 2): [episode, first frame], see dataset.windows
+    window: int  # frames per window (burn_in + seq_len)
+    burn_in: int
+    preprocess: PreprocessConfig
+    weights: np.ndarray  # float32 (num_actions,): sample weight per label
+
+    def __post_init__(self) -> None:
+        if self.index.ndim != 2 or self.index.shape[1] != 2:
+            raise DatasetError(f'window index must be (N, 2), got {self.index.shape}')
+        if not 0 <= self.burn_in < self.window:
+            raise DatasetError(f'burn_in must be in [0, window={self.window}), got {self.burn_in}')
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        p = self.preprocess
+        return (p.height, p.width, p.channels)
+
+    def frames_uint8(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 (len(rows), W, h, w, c): the frames of windows ``rows`` (positions in index)."""
+        out = np.empty((len(rows), self.window, *self.frame_shape), np.uint8)
+        for i, row in enumerate(rows):
+            episode, start = self.index[row]
+            out[i] = self.episodes[episode].frames[start : start + self.window]
+        return out
+
+    def labels(self, rows: np.ndarray) -> np.ndarray:
+        """int32 (len(rows), W): the labels of windows ``rows``."""
+        out = np.empty((len(rows), self.window), np.int32)
+        for i, row in enumerate(rows):
+            episode, start = self.index[row]
+            out[i] = self.episodes[episode].labels[start : start + self.window]
+        return out
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x float32, y int32, sample_weight float32) of windows ``rows``."""
+        rows = np.asarray(rows, np.int64)
+        x = normalize(self.frames_uint8(rows), self.preprocess)
+        y = self.labels(rows)
+        weight = self.weights[y]
+        weight[:, : self.burn_in] = 0.0
+        return x, y, weight
+
+    def loss_labels(self) -> np.ndarray:
+        """Every label that carries loss (burn-in steps left out), for class weights."""
+        if len(self) == 0:
+            return np.zeros(0, np.int64)
+        return self.labels(np.arange(len(self)))[:, self.burn_in :].reshape(-1)
+
+
+def make_dataset(
+    source: WindowSource,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    parallel: int | None = None,
+) -> tf.data.Dataset:
+    """A re-iterable ``tf.data.Dataset`` of ``(x, y, sample_weight)`` batches over ``source``.
+
+    With ``shuffle``, each pass (epoch) visits the windows in a new order drawn from one
+    generator seeded with ``seed``: the sequence of epochs is the same on every run. The last
+    batch may be smaller. The dataset knows its length (Keras shows a real progress bar).
+    """
+    if len(source) == 0:
+        raise DatasetError('no windows to make batches of')
+    if batch_size < 1:
+        raise DatasetError(f'batch_size must be >= 1, got {batch_size}')
+    n = len(source)
+    batches = -(-n // batch_size)
+    rng = np.random.default_rng(seed)
+
+    def orders():  # type: ignore[no-untyped-def]
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for b in range(batches):
+            yield order[b * batch_size : (b + 1) * batch_size]
+
+    def load(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return source.batch(rows)
+
+    def load_tf(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, w = tf.numpy_function(load, [rows], (tf.float32, tf.int32, tf.float32))
+        x.set_shape((None, source.window, *source.frame_shape))
+        y.set_shape((None, source.window))
+        w.set_shape((None, source.window))
+        return x, y, w
+
+    rows = tf.data.Dataset.from_generator(
+        orders, output_signature=tf.TensorSpec((None,), tf.int64)
+    )
+    dataset = rows.map(
+        load_tf,
+        num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
+        deterministic=True,
+    )
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    return dataset.prefetch(2)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkSource:
+    """Episodes as ``lanes`` state lanes of consecutive chunks (``dataset.chunk_plan``)."""
+
+    episodes: Sequence[Episode]
+    chunk: int  # frames per batch step
+    lanes: int  # rows of every batch
+    burn_in: int  # steps after a zero state that carry no loss
+    preprocess: PreprocessConfig
+    weights: np.ndarray  # float32 (num_actions,): sample weight per label
+    split: bool = True  # cut episodes into pieces for busy lanes; False: whole (validation)
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.lanes < 1 or self.burn_in < 0:
+            raise DatasetError(
+                f'chunk and lanes must be >= 1 and burn_in >= 0, got {self.chunk}, '
+                f'{self.lanes}, {self.burn_in}'
+            )
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        p = self.preprocess
+        return (p.height, p.width, p.channels)
+
+    def plan(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The fixed plan (``rng`` None), or a random one of the same number of batches."""
+        lengths = [len(e) for e in self.episodes]
+        return chunk_plan(lengths, self.chunk, self.lanes, rng, split=self.split)
+
+    @property
+    def batches(self) -> int:
+        """Batches of the fixed plan; a random one (an epoch of training) may take a few more
+        or fewer, so its dataset's length is left unknown to ``tf.data``."""
+        return len(self.plan())
+
+    def __len__(self) -> int:
+        """Chunks of one pass without shuffling (padding not counted)."""
+        return int(np.count_nonzero(self.plan()[..., PLAN_LENGTH]))
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x float32, reset float32, y int32, sample_weight float32) of one plan batch
+        ``rows`` (lanes, 4); padding frames are zero with weight 0."""
+        frames = np.zeros((self.lanes, self.chunk, *self.frame_shape), np.uint8)
+        y = np.zeros((self.lanes, self.chunk), np.int32)
+        weight = np.zeros((self.lanes, self.chunk), np.float32)
+        steps = np.arange(self.chunk)
+        for lane, row in enumerate(rows):
+            n = int(row[PLAN_LENGTH])
+            if n == 0:
+                continue
+            episode = self.episodes[int(row[PLAN_EPISODE])]
+            start = int(row[PLAN_START])
+            frames[lane, :n] = episode.frames[start : start + n]
+            y[lane, :n] = episode.labels[start : start + n]
+            scored = (row[PLAN_SINCE_RESET] + steps[:n]) >= self.burn_in
+            weight[lane, :n] = np.where(scored, self.weights[y[lane, :n]], 0.0)
+        reset = (rows[:, PLAN_SINCE_RESET] == 0).astype(np.float32)
+        return normalize(frames, self.preprocess), reset, y, weight
+
+    def loss_labels(self) -> np.ndarray:
+        """Every label that carries loss (steps of the burn-in after a zero state left out)."""
+        plan = self.plan()
+        out = []
+        for rows in plan:
+            for row in rows:
+                n, start = int(row[PLAN_LENGTH]), int(row[PLAN_START])
+                skip = max(0, self.burn_in - int(row[PLAN_SINCE_RESET]))
+                if n > skip:
+                    labels = self.episodes[int(row[PLAN_EPISODE])].labels
+                    out.append(labels[start + skip : start + n])
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def make_chunk_dataset(
+    source: ChunkSource, *, shuffle: bool, seed: int = 0, parallel: int | None = None
+) -> tf.data.Dataset:
+    """A re-iterable ``tf.data.Dataset`` of ``((x, reset), y, sample_weight)`` batches, in
+    plan order (the state flows from one batch to the next). With ``shuffle`` every pass
+    (epoch) draws a new plan from one generator seeded with ``seed``."""
+    if not source.episodes:
+        raise DatasetError('no episodes to make chunks of')
+    rng = np.random.default_rng(seed)
+
+    def rows() -> Any:
+        yield from source.plan(rng if shuffle else None)
+
+    def load_tf(plan_rows: tf.Tensor) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.Tensor, tf.Tensor]:
+        x, reset, y, w = tf.numpy_function(
+            source.batch, [plan_rows], (tf.float32, tf.float32, tf.int32, tf.float32)
+        )
+        x.set_shape((source.lanes, source.chunk, *source.frame_shape))
+        reset.set_shape((source.lanes,))
+        y.set_shape((source.lanes, source.chunk))
+        w.set_shape((source.lanes, source.chunk))
+        return (x, reset), y, w
+
+    plans = tf.data.Dataset.from_generator(
+        rows, output_signature=tf.TensorSpec((source.lanes, 4), tf.int64)
+    )
+    dataset = plans.map(
+        load_tf,
+        num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
+        deterministic=True,  # the state flows from each batch to the next: order matters
+    )
+    return dataset.prefetch(2)

@@ -1,0 +1,555 @@
+"""Train a conv+LSTM policy from rosbag2 recordings and write it as a bundle (DESIGN §1-§4).
+
+Steps: ``dataset.load_recordings`` (decode and fit every frame once, uint8, cached on disk),
+split by episode (no validation frame is ever trained on), class weights from the training
+labels, ``pipeline.make_dataset`` (the robot's ``image.normalize`` on every batch), fit the
+sequence model, restore the best epoch, then score the validation windows and write the bundle
+atomically — with ``history.csv``, ``learning_curves.png``, ``confusion.png`` and
+``summary.txt`` inside it. Nothing is written at ``out`` unless the whole run succeeds, and an
+existing bundle there is replaced only then.
+
+Early stopping watches ``val_loss`` but never before ``min_epochs``: learning to remember starts
+with a long plateau (DESIGN §4) that must not look like convergence.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from malpi_ros import diskspace
+from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
+from malpi_ros.errors import ConfigError, DatasetError
+from malpi_ros.learn import plots
+from malpi_ros.learn.dataset import (
+    Episode,
+    Recordings,
+    Split,
+    cache_bytes,
+    load_recordings,
+    split_by_episode,
+    windows,
+)
+from malpi_ros.learn.export import save_bundle
+from malpi_ros.learn.metrics import classification_metrics
+from malpi_ros.learn.model import build_sequence_model
+from malpi_ros.learn.pipeline import (
+    ChunkSource,
+    WindowSource,
+    class_weights,
+    make_chunk_dataset,
+    make_dataset,
+)
+from malpi_ros.runtime.bundle import METADATA_FILE
+
+# Adam's gradient-norm clip (the memory recipe): part of the recipe, not a setting.
+CLIPNORM = 1.0
+
+HISTORY_FILE = 'history.csv'
+CURVES_FILE = 'learning_curves.png'
+CONFUSION_FILE = 'confusion.png'
+SUMMARY_FILE = 'summary.txt'
+BUNDLE_EXTRA_BYTES = 2 << 20  # reports, plots and metadata beside the model files
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The recordings cut for training: split, batch sources and class weights."""
+
+    recordings: Recordings
+    split: Split
+    train: WindowSource | ChunkSource
+    val: WindowSource | ChunkSource | None  # None: no validation (val_fraction 0, or too short)
+    weights: np.ndarray
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the bundle and what is in its summary."""
+
+    bundle: Path
+    history: dict[str, list[float]]
+    metrics: dict[str, Any]
+    summary: str
+    confusion: np.ndarray = field(repr=False)
+    seconds: float = 0.0
+
+
+def _usable(episodes: Sequence[Episode], cfg: DatasetConfig) -> list[Episode]:
+    """Episodes long enough to train on (``DatasetConfig.min_frames``)."""
+    return [e for e in episodes if len(e) >= cfg.min_frames]
+
+
+def prepare(
+    recordings: Recordings,
+    policy: PolicyConfig,
+    train_cfg: TrainConfig,
+) -> Prepared:
+    """Split by episode, cut both sides into windows or chunk lanes (``DatasetConfig.state``),
+    and weight the classes of the training labels."""
+    cfg = recordings.dataset
+    split = split_by_episode(recordings.episodes, train_cfg.val_fraction, train_cfg.seed)
+    notes = [split.note]
+    num_actions = len(policy.actions)
+
+    def source(
+        episodes: Sequence[Episode], weights: np.ndarray, pieces: bool = True
+    ) -> WindowSource | ChunkSource | None:
+        if cfg.state == 'carried':
+            usable = _usable(episodes, cfg)
+            if not usable:
+                return None
+            # Validation runs every episode whole from its start: the robot's way.
+            return ChunkSource(
+                usable,
+                cfg.seq_len,
+                train_cfg.batch_size,
+                cfg.burn_in,
+                recordings.preprocess,
+                weights,
+                pieces,
+            )
+        index = windows(episodes, cfg)
+        if len(index) == 0:
+            return None
+        return WindowSource(
+            episodes, index, cfg.window, cfg.burn_in, recordings.preprocess, weights
+        )
+
+    unweighted = source(split.train, np.ones(num_actions, np.float32))
+    if unweighted is None:
+        raise DatasetError(
+            f'no training episode of {cfg.min_frames} frames ({cfg.unit}) left after holding '
+            f'out validation episodes ({split.note}); record longer drives or lower '
+            '--val-fraction'
+        )
+    weights = np.ones(num_actions, np.float32)
+    if train_cfg.class_weighting:
+        # From the labels that carry loss: what the optimizer actually sees.
+        weights = class_weights(unweighted.loss_labels(), num_actions, train_cfg.class_weight_cap)
+    train_source = replace(unweighted, weights=weights)
+    val_source = source(split.val, weights, pieces=False) if split.val else None
+    if split.val and val_source is None:
+        notes.append(
+            f'validation episodes are shorter than {cfg.min_frames} frames ({cfg.unit}): '
+            'training without validation'
+        )
+    return Prepared(recordings, split, train_source, val_source, weights, tuple(notes))
+
+
+class TimeLeft(keras.callbacks.Callback):
+    """Logs after each epoch how long it took and the time left if every epoch runs (early
+    stopping may end sooner): on a 2-core machine training is minutes, and a user deserves
+    to know how many."""
+
+    def __init__(self, epochs: int, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.log = log
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        done = epoch + 1
+        per_epoch = (time.perf_counter() - self.started) / done
+        left = per_epoch * (self.epochs - done)
+        self.log(
+            f'epoch {done}/{self.epochs}: {per_epoch:.0f} s an epoch, '
+            f'at most {format_duration(left)} left'
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '3.2 min'."""
+    return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch (lowest ``monitor``) and restores them at the end.
+
+    In memory, not a file: the bundle is the only checkpoint that leaves the process, and it
+    is written atomically after training.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.best = math.inf
+        self.best_epoch = -1
+        self.weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = float(value), epoch
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+    """Adam with gradient clipping (an LSTM's gradients spike when it starts to remember);
+    weighted accuracy, so burn-in steps (weight 0) do not count."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=CLIPNORM),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        weighted_metrics=['accuracy'],
+    )
+    return model
+
+
+def predict_windows(model: keras.Model, source: WindowSource, batch_size: int) -> np.ndarray:
+    """int (N, W) argmax actions of the sequence model on every window of ``source``."""
+    out = []
+    for start in range(0, len(source), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(source)))
+        x, _, _ = source.batch(rows)
+        out.append(np.argmax(np.asarray(model(x, training=False)), axis=-1))
+    return np.concatenate(out) if out else np.zeros((0, source.window), np.int64)
+
+
+def _finite(value: Any) -> Any:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _read_history(path: Path) -> dict[str, list[float]]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    keys = [k for k in (rows[0] if rows else {}) if k != 'epoch']
+    return {k: [_csv_float(r[k]) for r in rows] for k in keys}
+
+
+def _csv_float(text: str) -> float:
+    """A CSVLogger cell: Keras writes 'NA' for a metric an epoch did not have (no validation)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float('nan')
+
+
+def train(
+    bags: Sequence[str | Path],
+    out: str | Path,
+    policy: PolicyConfig | None = None,
+    dataset: DatasetConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    *,
+    image_topic: str | None = None,
+    cmd_topic: str | None = None,
+    cache_dir: str | Path | None = None,
+    verbose: int | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train on ``bags`` and write the bundle at ``out``; see the module docstring.
+
+    ``verbose``: Keras' (1 progress bar, 2 a line per epoch, 0 silent); default 1 on a
+    terminal, 2 otherwise. Raises BagError/DatasetError naming the bag and topic for bad input,
+    before anything is written.
+    """
+    policy = policy or PolicyConfig()
+    dataset = window_dataset(policy, dataset or DatasetConfig(), log)
+    train_cfg = train_cfg or TrainConfig()
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    out = Path(out)
+    started = time.perf_counter()
+    bag_paths = [Path(b) for b in bags]
+    if any(out.resolve() == b.resolve() for b in bag_paths):
+        raise ConfigError(f'--out {out} is one of the input bags; training never writes there')
+    if out.exists() and not (
+        out.is_dir() and (not any(out.iterdir()) or (out / METADATA_FILE).is_file())
+    ):
+        # save_bundle refuses too, but only after training: say it before spending the time.
+        raise ConfigError(f'--out {out} exists and is not a bundle; not replacing it')
+    keras.utils.set_random_seed(train_cfg.seed)
+    model = build_sequence_model(policy.model)  # now: its size is part of the room needed
+    check_room(bag_paths, out, policy, model, image_topic, cmd_topic, cache_dir)
+    recordings = load_recordings(
+        bag_paths, policy.preprocess, dataset, policy.actions, image_topic, cmd_topic, cache_dir
+    )
+    if not (math.isfinite(recordings.dt) and recordings.dt > 0):
+        raise DatasetError(
+            f'cannot measure the frame period of {", ".join(map(str, bag_paths))}: '
+            f'got dt={recordings.dt}'
+        )
+    log(recordings.describe())
+    prepared = prepare(recordings, policy, train_cfg)
+    names = policy.actions.names
+    log('\n'.join(prepared.notes))
+    log(
+        'class weights: '
+        + ', '.join(f'{n} {w:.2f}' for n, w in zip(names, prepared.weights, strict=True))
+    )
+
+    fit_model, train_ds, val_ds = _fit_setup(model, prepared, policy, dataset, train_cfg)
+    monitor = 'val_loss' if val_ds is not None else 'loss'
+    best = BestWeights(monitor)
+    # A full disk while writing reports or the bundle: one line, and the old bundle untouched.
+    full_disk = diskspace.full_disk_is_one_line(f'--out {out} (the previous bundle is kept)')
+    with full_disk, tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
+        staging = Path(staging_dir)
+        history_path = staging / HISTORY_FILE
+        fit_callbacks = [
+            best,
+            keras.callbacks.EarlyStopping(
+                monitor=monitor,
+                patience=train_cfg.patience,
+                start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
+            ),
+            keras.callbacks.CSVLogger(str(history_path)),
+            TimeLeft(train_cfg.epochs, log),
+            *callbacks,
+        ]
+        fit_started = time.perf_counter()
+        fit_model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=train_cfg.epochs,
+            callbacks=fit_callbacks,
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles itself, seeded
+        )
+        fit_seconds = time.perf_counter() - fit_started
+        history = _read_history(history_path)
+        scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
+        true, pred = _score(fit_model, prepared, policy, train_cfg.batch_size)
+        scores = classification_metrics(true, pred, names)
+        matrix = scores.matrix
+        epochs_run = len(history.get('loss', []))
+        metrics = {
+            'scored_on': scored_name,
+            'accuracy': scores.accuracy if scores.total else None,
+            'best_epoch': best.best_epoch + 1 if best.weights is not None else None,
+            'best_' + monitor: _finite(best.best) if best.weights is not None else None,
+            'epochs_run': epochs_run,
+            'per_class': scores.to_dict()['per_class'],
+            'confusion': matrix.tolist(),
+            'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
+            'training_state': dataset.state,
+            'train_windows': len(prepared.train),
+            'val_windows': len(prepared.val) if prepared.val is not None else 0,
+            'val_episodes': len(prepared.val.episodes) if prepared.val is not None else 0,
+        }
+        for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+            if history.get(key) and best.best_epoch >= 0:
+                metrics[f'{key}_at_best'] = _finite(history[key][best.best_epoch])
+        seconds = time.perf_counter() - started
+        summary = _summary(prepared, policy, dataset, train_cfg, metrics, fit_seconds, seconds)
+        (staging / SUMMARY_FILE).write_text(summary)
+        plots.plot_history(history, staging / CURVES_FILE, title=f'{out.name}')
+        plots.plot_confusion(
+            matrix,
+            names,
+            staging / CONFUSION_FILE,
+            title=f'{out.name}: {scored_name} windows (after burn-in)',
+        )
+        sources = [
+            {
+                'path': r.bag,
+                'sha256': r.sha256,
+                'image_topic': r.topics.image_topic,
+                'cmd_topic': r.topics.cmd_topic,
+                'frames': r.frames,
+            }
+            for r in recordings.reports
+        ]
+        extra = {
+            'dataset': to_dict(dataset),
+            'train': {
+                **to_dict(train_cfg),
+                'clipnorm': CLIPNORM,
+            },
+            'split': prepared.split.note,
+            'notes': list(prepared.notes),
+        }
+        save_bundle(
+            out,
+            model,
+            policy,
+            dt=float(recordings.dt),
+            # The longest stretch the gradient reached back over: a chunk, or a window.
+            seq_len=dataset.seq_len if dataset.state == 'carried' else dataset.window,
+            sources=sources,
+            metrics=json.loads(json.dumps(metrics)),
+            extra=extra,
+            extra_files={
+                name: staging / name
+                for name in (HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE)
+            },
+        )
+    log(summary)
+    return TrainResult(out, history, metrics, summary, matrix, time.perf_counter() - started)
+
+
+def window_dataset(
+    policy: PolicyConfig, dataset: DatasetConfig, log: Callable[[str], None]
+) -> DatasetConfig:
+    """The training windows a policy of the window kind runs on: K frames from a zero state,
+    the last one scored, one starting at every frame. Other policies: ``dataset`` as given."""
+    if not policy.window:
+        return dataset
+    windows = replace(dataset, state='zero', burn_in=policy.window - 1, seq_len=1, stride=1)
+    if windows != dataset:
+        log(
+            f'window policy of {policy.window} frames: training on windows of '
+            f'{policy.window} frames from a zero state, the last scored, one per frame'
+        )
+    return windows
+
+
+def _fit_setup(
+    model: keras.Model,
+    prepared: Prepared,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+) -> tuple[keras.Model, Any, Any]:
+    """(the model ``fit`` runs on, training batches, validation batches or None): the
+    sequence model itself on windows (``zero``), or a ``CarriedStateTrainer`` around it on
+    chunk lanes (``carried``); either way training updates ``model``'s weights."""
+    if dataset.state == 'carried':
+        from malpi_ros.learn.carried_state import CarriedStateTrainer
+
+        fit_model: keras.Model = CarriedStateTrainer(policy.model, model, train_cfg.batch_size)
+        fit_model.compile(
+            optimizer=keras.optimizers.Adam(train_cfg.learning_rate, clipnorm=CLIPNORM)
+        )
+        make: Callable[..., Any] = make_chunk_dataset
+        args: dict[str, Any] = {}
+    else:
+        fit_model = compile_model(model, train_cfg.learning_rate)
+        make = make_dataset
+        args = {'batch_size': train_cfg.batch_size}
+    train_ds = make(prepared.train, shuffle=True, seed=train_cfg.seed, **args)
+    val_ds = make(prepared.val, shuffle=False, **args) if prepared.val is not None else None
+    return fit_model, train_ds, val_ds
+
+
+def _score(
+    fit_model: keras.Model, prepared: Prepared, policy: PolicyConfig, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, argmax actions) of the scored steps of the validation data (the training
+    data without validation): after the burn-in of each window (``zero``), or over whole
+    episodes with the state carried from their start, after the burn-in (``carried``)."""
+    scored = prepared.val if prepared.val is not None else prepared.train
+    burn = scored.burn_in
+    if isinstance(scored, ChunkSource):
+        from malpi_ros.learn.carried_state import predict_episodes
+
+        units = policy.model.lstm_units
+        pred = predict_episodes(fit_model.net, scored.episodes, scored.preprocess, units)
+        true = [e.labels[burn:] for e in scored.episodes]
+        return np.concatenate(true), np.concatenate([p[burn:] for p in pred])
+    pred_windows = predict_windows(fit_model, scored, batch_size)
+    true_windows = scored.labels(np.arange(len(scored)))
+    return true_windows[:, burn:].ravel(), pred_windows[:, burn:].ravel()
+
+
+def bundle_bytes(model: keras.Model) -> int:
+    """About what a bundle of ``model`` takes on disk: float32 weights in model.keras and
+    again in step.tflite, plus room for the reports and plots."""
+    return 2 * 4 * int(model.count_params()) + BUNDLE_EXTRA_BYTES
+
+
+def check_room(
+    bags: Sequence[Path],
+    out: Path,
+    policy: PolicyConfig,
+    model: keras.Model,
+    image_topic: str | None,
+    cmd_topic: str | None,
+    cache_dir: str | Path | None,
+) -> None:
+    """Refuse to start when the frame cache and the bundle will not fit (one line, no hour of
+    training first). The cache is counted only for bags it does not hold yet."""
+    needs: dict[str | Path, int] = {out: bundle_bytes(model)}
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        needs[cache] = cache_bytes(bags, policy.preprocess, image_topic, cmd_topic, cache)
+    diskspace.check_room(needs, 'the frame cache and the bundle')
+
+
+def _summary(
+    prepared: Prepared,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+    metrics: dict[str, Any],
+    fit_seconds: float,
+    seconds: float,
+) -> str:
+    rec = prepared.recordings
+    names = policy.actions.names
+    m = policy.model
+    lines = [
+        'malpi-ros train summary',
+        '',
+        'data:',
+        *(f'  {line}' for line in rec.describe().splitlines()),
+        f'  frame period dt: {rec.dt * 1000:.1f} ms',
+        '',
+        'split:',
+        *(f'  {note}' for note in prepared.notes),
+        f'  training: {len(prepared.split.train)} episodes, {len(prepared.train)} windows; '
+        f'validation: {len(prepared.split.val)} episodes, {metrics["val_windows"]} windows',
+        (
+            f'  state carried across chunks of {dataset.seq_len} frames (truncated BPTT, '
+            f'{train_cfg.batch_size} lanes); burn-in {dataset.burn_in} steps without loss after '
+            'each zero state'
+            if dataset.state == 'carried'
+            else f'  window: {dataset.window} frames from a zero state (burn-in '
+            f'{dataset.burn_in} without loss + {dataset.seq_len} scored), stride {dataset.stride}'
+        ),
+        '',
+        'class weights (training labels after burn-in'
+        + (', capped)' if train_cfg.class_weighting else '; weighting off)')
+        + ':',
+        '  ' + ', '.join(f'{n} {w:.2f}' for n, w in zip(names, prepared.weights, strict=True)),
+        '',
+        'model:',
+        f'  input {m.height}x{m.width}x{m.channels} ({policy.preprocess.normalization}), convs '
+        + ', '.join(f'{c.filters}@{c.kernel}x{c.kernel}/{c.stride}' for c in m.convs)
+        + f', LSTM {m.lstm_units} ({m.lstm_activation}), {m.num_actions} actions',
+        f'  Adam lr {train_cfg.learning_rate:g} (clipnorm {CLIPNORM:g}), batch '
+        f'{train_cfg.batch_size}, seed {train_cfg.seed}',
+        '',
+        'training:',
+        f'  epochs run: {metrics["epochs_run"]} of {train_cfg.epochs}; '
+        + (
+            f'best epoch {metrics["best_epoch"]} (weights restored from it)'
+            if metrics['best_epoch'] is not None
+            else 'no epoch had a finite loss (the last weights are kept)'
+        ),
+        f'  fit time: {fit_seconds:.1f} s, total {seconds:.1f} s',
+    ]
+    for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+        value = metrics.get(f'{key}_at_best')
+        if value is not None:
+            lines.append(f'  {key} at best epoch: {value:.4f}')
+    unit = 'episodes, state carried' if dataset.state == 'carried' else 'windows'
+    lines += ['', f'scored on {metrics["scored_on"]} {unit} (steps after burn-in):']
+    acc = metrics['accuracy']
+    lines.append(f'  accuracy: {acc:.4f}' if acc is not None else '  accuracy: n/a')
+    for name, row in metrics['per_class'].items():
+        lines.append(
+            f'  {name:>10}: precision {row["precision"]:.3f}, recall {row["recall"]:.3f}, '
+            f'support {row["support"]}'
+        )
+    return '\n'.join(lines) + '\n'
