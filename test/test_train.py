@@ -156,6 +156,11 @@ def test_train_writes_a_loadable_bundle_with_its_reports(
     printed = capsys.readouterr().out
     assert re.search(r'epoch 1/2: \d+ s an epoch, at most \d+ s left', printed), printed
     assert re.search(r'epoch 2/2: \d+ s an epoch, at most 0 s left', printed), printed
+    # TensorBoard logs beside the bundle, one folder per run, training and validation scalars.
+    (run,) = out.with_name('bundle.logs').iterdir()
+    assert re.fullmatch(r'\d{8}-\d{6}', run.name)
+    for part in ('train', 'validation'):
+        assert list((run / part).glob('events.out.tfevents.*')), part
 
     bundle = load_bundle(out)
     assert bundle.config.model.input_shape == (height, width, 3)
@@ -197,7 +202,7 @@ def test_command_line_flags_override_the_config_file(tmp_path):
         *bags, '--out', out, '--config', tiny_config(tmp_path), '--no-cache',
         '--state', 'zero', '--seq-len', '4', '--burn-in', '1', '--stride', '5', '--lr', '0.002',
         '--seed', '3',
-        '--val-fraction', '0.4', '--no-class-weights', '--batch-size', '4',
+        '--val-fraction', '0.4', '--no-class-weights', '--batch-size', '4', '--no-logdir',
     )  # fmt: skip
     assert code == 0
     meta = load_bundle(out).metadata
@@ -213,6 +218,7 @@ def test_command_line_flags_override_the_config_file(tmp_path):
     assert train['class_weighting'] is False
     assert set(meta['metrics']['class_weights'].values()) == {1.0}
     assert not out.with_name('b.cache').exists()
+    assert not out.with_name('b.logs').exists()
 
 
 def test_no_validation_split_trains_and_scores_on_training_windows(tmp_path):

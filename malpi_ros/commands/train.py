@@ -3,7 +3,8 @@
 Train the conv+LSTM policy on recordings of a person driving (camera + cmd_vel) and write a
 model bundle the robot loads. Inside the bundle, beside the model files: history.csv,
 learning_curves.png, confusion.png (validation) and summary.txt. Nothing is written at --out
-unless training succeeds; an existing bundle there is replaced only then.
+unless training succeeds; an existing bundle there is replaced only then. TensorBoard logs go
+beside it (--logdir, default BUNDLE.logs/<run time>/), written as training goes.
 
 Topics are found by type (Image/CompressedImage, Twist/TwistStamped) unless named. Decoded,
 resized uint8 frames are cached in --cache-dir (default: BUNDLE.cache beside the bundle) so a
@@ -39,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--image-topic', help='camera topic (default: the one image topic)')
     parser.add_argument('--cmd-topic', help='command topic (default: the one Twist topic)')
     parser.add_argument('--cache-dir', type=Path, help='frame cache (default: BUNDLE.cache)')
+    parser.add_argument(
+        '--logdir',
+        type=Path,
+        help='TensorBoard logs, one folder per run (default: BUNDLE.logs beside the bundle, '
+        'written while training: tensorboard --logdir BUNDLE.logs)',
+    )
+    parser.add_argument('--no-logdir', action='store_true', help='write no TensorBoard logs')
     parser.add_argument('--no-cache', action='store_true', help='keep frames in memory only')
     group = parser.add_argument_group('overrides of the config file')
     group.add_argument('--epochs', type=int)
@@ -79,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from malpi_ros.learn.train import train  # TensorFlow: only when training
+    from malpi_ros.learn.train import tensorboard_logs, train  # TensorFlow: only here
 
     where = str(args.config) if args.config is not None else 'settings'
     policy, dataset, train_cfg = build_configs(read_config_file(args.config), vars(args), where)
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir = args.cache_dir
     else:
         cache_dir = args.out.with_name(args.out.name + '.cache')
+    logdir = None if args.no_logdir else args.logdir or args.out.with_name(args.out.name + '.logs')
     result = train(
         args.bags,
         args.out,
@@ -99,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         cmd_topic=args.cmd_topic,
         cache_dir=cache_dir,
         verbose=args.verbose,
+        callbacks=[tensorboard_logs(logdir)] if logdir is not None else [],
     )
     print(f'bundle written: {result.bundle}')
     return 0

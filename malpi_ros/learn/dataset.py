@@ -33,6 +33,7 @@ from malpi_ros import diskspace
 from malpi_ros.bagio import reader as bagio
 from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig, to_dict
 from malpi_ros.errors import BagError, DatasetError, DecodeError, StorageError
+from malpi_ros.progress import progress
 from malpi_ros.runtime.actions import labels_for
 from malpi_ros.runtime.image import decode, fit_frame
 
@@ -530,7 +531,13 @@ def _read_bag(
     cmds: list[tuple[float, float, float]] = []
     reasons: Counter[str] = Counter()
     image_messages = 0
-    for topic, t_ns, raw in bag.raw_messages([topics.image_topic, topics.cmd_topic]):
+    messages = progress(
+        bag.raw_messages([topics.image_topic, topics.cmd_topic]),
+        total=capacity + bag.topics[topics.cmd_topic][1],
+        desc=f'reading {bag.path.name}',
+        unit='msg',
+    )
+    for topic, t_ns, raw in messages:
         t = t_ns * 1e-9
         if topic == topics.cmd_topic:
             msg = bag.deserialize(raw, topic)  # a malformed command is a broken bag: BagError

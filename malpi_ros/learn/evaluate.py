@@ -39,6 +39,7 @@ from malpi_ros.learn.metrics import (
     agreement,
     classification_metrics,
 )
+from malpi_ros.progress import progress
 from malpi_ros.runtime.bundle import Bundle
 from malpi_ros.runtime.policy import BACKENDS, Policy
 
@@ -359,7 +360,10 @@ def evaluate_bundle(
         reference = SequenceModel.from_file(loaded.keras_path, config.model)
 
     results = []
-    for index, episode in enumerate(recordings.episodes):
+    episodes = progress(
+        recordings.episodes, total=len(recordings.episodes), desc='evaluating', unit='episode'
+    )
+    for index, episode in enumerate(episodes):
         results.append(
             _run_episode(
                 index, episode, policy, step, reference, config.preprocess, reset_every_frame

@@ -173,6 +173,16 @@ class TimeLeft(keras.callbacks.Callback):
         )
 
 
+def tensorboard_logs(logdir: str | Path, now: float | None = None) -> keras.callbacks.Callback:
+    """Keras' TensorBoard callback writing into ``logdir/<local time of the run>/`` (each run
+    its own folder, so TensorBoard shows runs side by side): scalars per epoch, no graph and
+    no profiling (the carried-state trainer is a subclassed model; tracing it costs time)."""
+    run = time.strftime('%Y%m%d-%H%M%S', time.localtime(now))
+    return keras.callbacks.TensorBoard(
+        str(Path(logdir) / run), write_graph=False, profile_batch=0, update_freq='epoch'
+    )
+
+
 def format_duration(seconds: float) -> str:
     """'45 s', '3.2 min'."""
     return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'

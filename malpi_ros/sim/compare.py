@@ -6,7 +6,7 @@ Example:
     python -P -m malpi_ros.sim.compare --horizons long --windows 3 --laps 5 --epochs 5
 
 For each horizon (``TrackConfig.for_horizon``: the cue 14-15 or 58-60 frames of driving before
-the fork): record the expert in-process (``sim_record``; the demo's mix of full laps and short
+the fork): record the expert in-process (``sim.record``; the demo's mix of full laps and short
 drives that end just past the fork), then train with ``config/sim_train.yaml`` on that one bag
 (one frame cache for all) each policy kind — (a) the LSTM with its state carried, (b) window
 policies that re-run their last K frames from a zero state every step (DonkeyCar's way; K = 3

@@ -1,0 +1,24 @@
+"""Progress bars for the long steps that are not Keras epochs (reading a large recording into
+the frame cache, evaluating a bundle over it): tqdm on a terminal, nothing in a log or a pipe,
+so CI logs and the demo's files stay line-per-event."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TextIO, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar('T')
+
+
+def progress(
+    items: Iterable[T], *, total: int, desc: str, unit: str = 'it', stream: TextIO | None = None
+) -> Iterator[T]:
+    """``items`` with a bar on ``stream`` (stderr) when it is a terminal; gone when done."""
+    stream = stream if stream is not None else sys.stderr
+    quiet = not (hasattr(stream, 'isatty') and stream.isatty())
+    return iter(
+        tqdm(items, total=total, desc=desc, unit=unit, file=stream, disable=quiet, leave=False)
+    )
