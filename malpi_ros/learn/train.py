@@ -42,7 +42,7 @@ from malpi_ros.learn.dataset import (
     windows,
 )
 from malpi_ros.learn.export import save_bundle
-from malpi_ros.learn.metrics import classification_metrics
+from malpi_ros.learn.metrics import ClassificationMetrics, classification_metrics
 from malpi_ros.learn.model import build_sequence_model
 from malpi_ros.learn.pipeline import (
     ChunkSource,
@@ -283,14 +283,71 @@ def train(
     bag_paths = [Path(b) for b in bags]
     if any(out.resolve() == b.resolve() for b in bag_paths):
         raise ConfigError(f'--out {out} is one of the input bags; training never writes there')
-    if out.exists() and not (
-        out.is_dir() and (not any(out.iterdir()) or (out / METADATA_FILE).is_file())
-    ):
-        # save_bundle refuses too, but only after training: say it before spending the time.
-        raise ConfigError(f'--out {out} exists and is not a bundle; not replacing it')
+    _check_out(out)
     keras.utils.set_random_seed(train_cfg.seed)
     model = build_sequence_model(policy.model)  # now: its size is part of the room needed
     check_room(bag_paths, out, policy, model, image_topic, cmd_topic, cache_dir)
+    prepared = _load(bag_paths, policy, dataset, train_cfg, image_topic, cmd_topic, cache_dir, log)
+    # A full disk while writing reports or the bundle: one line, and the old bundle untouched.
+    full_disk = diskspace.full_disk_is_one_line(f'--out {out} (the previous bundle is kept)')
+    with full_disk, tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
+        staging = Path(staging_dir)
+        fit_model, history, best, fit_seconds = _fit(
+            model, prepared, policy, dataset, train_cfg, staging / HISTORY_FILE, verbose,
+            [TimeLeft(train_cfg.epochs, log), *callbacks],
+        )  # fmt: skip
+        scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
+        true, pred = _score(fit_model, prepared, policy, train_cfg.batch_size)
+        scores = classification_metrics(true, pred, policy.actions.names)
+        metrics = _metrics(scores, scored_name, history, best, prepared, policy, dataset)
+        seconds = time.perf_counter() - started
+        summary = _summary(prepared, policy, dataset, train_cfg, metrics, fit_seconds, seconds)
+        _write_reports(staging, out.name, summary, history, scores.matrix, policy, scored_name)
+        save_bundle(
+            out,
+            model,
+            policy,
+            dt=float(prepared.recordings.dt),
+            # The longest stretch the gradient reached back over: a chunk, or a window.
+            seq_len=dataset.seq_len if dataset.state == 'carried' else dataset.window,
+            sources=_sources(prepared.recordings),
+            metrics=json.loads(json.dumps(metrics)),
+            extra={
+                'dataset': to_dict(dataset),
+                'train': {**to_dict(train_cfg), 'clipnorm': CLIPNORM},
+                'split': prepared.split.note,
+                'notes': list(prepared.notes),
+            },
+            extra_files={
+                name: staging / name
+                for name in (HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE)
+            },
+        )
+    log(summary)
+    return TrainResult(
+        out, history, metrics, summary, scores.matrix, time.perf_counter() - started
+    )
+
+
+def _check_out(out: Path) -> None:
+    """save_bundle refuses a non-bundle ``out`` too, but only after training: say it first."""
+    if out.exists() and not (
+        out.is_dir() and (not any(out.iterdir()) or (out / METADATA_FILE).is_file())
+    ):
+        raise ConfigError(f'--out {out} exists and is not a bundle; not replacing it')
+
+
+def _load(
+    bag_paths: Sequence[Path],
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+    image_topic: str | None,
+    cmd_topic: str | None,
+    cache_dir: str | Path | None,
+    log: Callable[[str], None],
+) -> Prepared:
+    """Read the bags (through the frame cache) and cut them for training; logs what it found."""
     recordings = load_recordings(
         bag_paths, policy.preprocess, dataset, policy.actions, image_topic, cmd_topic, cache_dir
     )
@@ -301,111 +358,115 @@ def train(
         )
     log(recordings.describe())
     prepared = prepare(recordings, policy, train_cfg)
-    names = policy.actions.names
     log('\n'.join(prepared.notes))
+    names = policy.actions.names
     log(
         'class weights: '
         + ', '.join(f'{n} {w:.2f}' for n, w in zip(names, prepared.weights, strict=True))
     )
+    return prepared
 
+
+def _fit(
+    model: keras.Model,
+    prepared: Prepared,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+    history_path: Path,
+    verbose: int,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> tuple[keras.Model, dict[str, list[float]], BestWeights, float]:
+    """Keras ``fit`` with the best epoch kept, early stopping after ``min_epochs`` and the
+    history in ``history_path``: (the model fit ran on, history, best, seconds)."""
     fit_model, train_ds, val_ds = _fit_setup(model, prepared, policy, dataset, train_cfg)
     monitor = 'val_loss' if val_ds is not None else 'loss'
     best = BestWeights(monitor)
-    # A full disk while writing reports or the bundle: one line, and the old bundle untouched.
-    full_disk = diskspace.full_disk_is_one_line(f'--out {out} (the previous bundle is kept)')
-    with full_disk, tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
-        staging = Path(staging_dir)
-        history_path = staging / HISTORY_FILE
-        fit_callbacks = [
-            best,
-            keras.callbacks.EarlyStopping(
-                monitor=monitor,
-                patience=train_cfg.patience,
-                start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
-            ),
-            keras.callbacks.CSVLogger(str(history_path)),
-            TimeLeft(train_cfg.epochs, log),
-            *callbacks,
-        ]
-        fit_started = time.perf_counter()
-        fit_model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=train_cfg.epochs,
-            callbacks=fit_callbacks,
-            verbose=verbose,
-            shuffle=False,  # the dataset shuffles itself, seeded
-        )
-        fit_seconds = time.perf_counter() - fit_started
-        history = _read_history(history_path)
-        scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
-        true, pred = _score(fit_model, prepared, policy, train_cfg.batch_size)
-        scores = classification_metrics(true, pred, names)
-        matrix = scores.matrix
-        epochs_run = len(history.get('loss', []))
-        metrics = {
-            'scored_on': scored_name,
-            'accuracy': scores.accuracy if scores.total else None,
-            'best_epoch': best.best_epoch + 1 if best.weights is not None else None,
-            'best_' + monitor: _finite(best.best) if best.weights is not None else None,
-            'epochs_run': epochs_run,
-            'per_class': scores.to_dict()['per_class'],
-            'confusion': matrix.tolist(),
-            'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
-            'training_state': dataset.state,
-            'train_windows': len(prepared.train),
-            'val_windows': len(prepared.val) if prepared.val is not None else 0,
-            'val_episodes': len(prepared.val.episodes) if prepared.val is not None else 0,
+    fit_callbacks = [
+        best,
+        keras.callbacks.EarlyStopping(
+            monitor=monitor,
+            patience=train_cfg.patience,
+            start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
+        ),
+        keras.callbacks.CSVLogger(str(history_path)),
+        *callbacks,
+    ]
+    fit_started = time.perf_counter()
+    fit_model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=train_cfg.epochs,
+        callbacks=fit_callbacks,
+        verbose=verbose,
+        shuffle=False,  # the dataset shuffles itself, seeded
+    )
+    return fit_model, _read_history(history_path), best, time.perf_counter() - fit_started
+
+
+def _metrics(
+    scores: ClassificationMetrics,
+    scored_name: str,
+    history: dict[str, list[float]],
+    best: BestWeights,
+    prepared: Prepared,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+) -> dict[str, Any]:
+    """The bundle's ``metrics``: scores on the held-out episodes and how training went."""
+    names = policy.actions.names
+    metrics = {
+        'scored_on': scored_name,
+        'accuracy': scores.accuracy if scores.total else None,
+        'best_epoch': best.best_epoch + 1 if best.weights is not None else None,
+        'best_' + best.monitor: _finite(best.best) if best.weights is not None else None,
+        'epochs_run': len(history.get('loss', [])),
+        'per_class': scores.to_dict()['per_class'],
+        'confusion': scores.matrix.tolist(),
+        'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
+        'training_state': dataset.state,
+        'train_windows': len(prepared.train),
+        'val_windows': len(prepared.val) if prepared.val is not None else 0,
+        'val_episodes': len(prepared.val.episodes) if prepared.val is not None else 0,
+    }
+    for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+        if history.get(key) and best.best_epoch >= 0:
+            metrics[f'{key}_at_best'] = _finite(history[key][best.best_epoch])
+    return metrics
+
+
+def _write_reports(
+    staging: Path,
+    name: str,
+    summary: str,
+    history: dict[str, list[float]],
+    matrix: np.ndarray,
+    policy: PolicyConfig,
+    scored_name: str,
+) -> None:
+    """summary.txt, the learning curves and the confusion matrix, for the bundle."""
+    (staging / SUMMARY_FILE).write_text(summary)
+    plots.plot_history(history, staging / CURVES_FILE, title=f'{name}')
+    plots.plot_confusion(
+        matrix,
+        policy.actions.names,
+        staging / CONFUSION_FILE,
+        title=f'{name}: {scored_name} windows (after burn-in)',
+    )
+
+
+def _sources(recordings: Recordings) -> list[dict[str, Any]]:
+    """Each bag trained on, with its sha256, topics and frame count (the bundle's provenance)."""
+    return [
+        {
+            'path': r.bag,
+            'sha256': r.sha256,
+            'image_topic': r.topics.image_topic,
+            'cmd_topic': r.topics.cmd_topic,
+            'frames': r.frames,
         }
-        for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
-            if history.get(key) and best.best_epoch >= 0:
-                metrics[f'{key}_at_best'] = _finite(history[key][best.best_epoch])
-        seconds = time.perf_counter() - started
-        summary = _summary(prepared, policy, dataset, train_cfg, metrics, fit_seconds, seconds)
-        (staging / SUMMARY_FILE).write_text(summary)
-        plots.plot_history(history, staging / CURVES_FILE, title=f'{out.name}')
-        plots.plot_confusion(
-            matrix,
-            names,
-            staging / CONFUSION_FILE,
-            title=f'{out.name}: {scored_name} windows (after burn-in)',
-        )
-        sources = [
-            {
-                'path': r.bag,
-                'sha256': r.sha256,
-                'image_topic': r.topics.image_topic,
-                'cmd_topic': r.topics.cmd_topic,
-                'frames': r.frames,
-            }
-            for r in recordings.reports
-        ]
-        extra = {
-            'dataset': to_dict(dataset),
-            'train': {
-                **to_dict(train_cfg),
-                'clipnorm': CLIPNORM,
-            },
-            'split': prepared.split.note,
-            'notes': list(prepared.notes),
-        }
-        save_bundle(
-            out,
-            model,
-            policy,
-            dt=float(recordings.dt),
-            # The longest stretch the gradient reached back over: a chunk, or a window.
-            seq_len=dataset.seq_len if dataset.state == 'carried' else dataset.window,
-            sources=sources,
-            metrics=json.loads(json.dumps(metrics)),
-            extra=extra,
-            extra_files={
-                name: staging / name
-                for name in (HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE)
-            },
-        )
-    log(summary)
-    return TrainResult(out, history, metrics, summary, matrix, time.perf_counter() - started)
+        for r in recordings.reports
+    ]
 
 
 def window_dataset(
