@@ -331,19 +331,13 @@ def evaluate_bundle(
     loaded = policy.bundle
     assert loaded is not None  # from_bundle sets it
     config = loaded.config
-    step = policy.step_fitted
-    unknown = sorted(set(focus) - set(config.actions.names))
-    if unknown:
-        raise ConfigError(
-            f'focus actions {unknown} are not in the action table {list(config.actions.names)}'
-        )
+    _check_focus(focus, config.actions.names)
     rules = dataset if dataset is not None else dataset_config_of(loaded)
     # Every episode is scored, however short: windows only matter to training.
-    rules_for_loading = replace(rules, seq_len=1, burn_in=0, stride=1)
     recordings = load_recordings(
         bags,
         config.preprocess,
-        rules_for_loading,
+        replace(rules, seq_len=1, burn_in=0, stride=1),
         config.actions,
         image_topic=image_topic,
         cmd_topic=cmd_topic,
@@ -358,23 +352,7 @@ def evaluate_bundle(
         )
 
         reference = SequenceModel.from_file(loaded.keras_path, config.model)
-
-    results = []
-    episodes = progress(
-        recordings.episodes, total=len(recordings.episodes), desc='evaluating', unit='episode'
-    )
-    for index, episode in enumerate(episodes):
-        results.append(
-            _run_episode(
-                index, episode, policy, step, reference, config.preprocess, reset_every_frame
-            )
-        )
-        if log is not None:
-            log(
-                f'episode {index} ({episode.bag} #{episode.index}): {len(episode)} frames, '
-                f'accuracy {results[-1].accuracy:.3f}'
-            )
-
+    results = _run_episodes(recordings, policy, reference, reset_every_frame, log)
     labels = np.concatenate([r.labels for r in results])
     actions = np.concatenate([r.actions for r in results])
     metrics = classification_metrics(labels, actions, config.actions.names)
@@ -398,6 +376,41 @@ def evaluate_bundle(
         seconds=time.perf_counter() - started,
         focus=tuple(config.actions.names.index(name) for name in focus),
     )
+
+
+def _check_focus(focus: Sequence[str], names: Sequence[str]) -> None:
+    unknown = sorted(set(focus) - set(names))
+    if unknown:
+        raise ConfigError(f'focus actions {unknown} are not in the action table {list(names)}')
+
+
+def _run_episodes(
+    recordings: Recordings,
+    policy: Policy,
+    reference: Any,
+    reset_every_frame: bool,
+    log: Callable[[str], None] | None,
+) -> list[EpisodeResult]:
+    """Step every episode from a reset, the robot's way (and the sequence model beside it when
+    ``reference`` is given); logs each episode's accuracy."""
+    results = []
+    preprocess = policy.config.preprocess
+    episodes = progress(
+        recordings.episodes, total=len(recordings.episodes), desc='evaluating', unit='episode'
+    )
+    for index, episode in enumerate(episodes):
+        results.append(
+            _run_episode(
+                index, episode, policy, policy.step_fitted, reference, preprocess,
+                reset_every_frame,
+            )
+        )  # fmt: skip
+        if log is not None:
+            log(
+                f'episode {index} ({episode.bag} #{episode.index}): {len(episode)} frames, '
+                f'accuracy {results[-1].accuracy:.3f}'
+            )
+    return results
 
 
 def _describe_data(recordings: Recordings) -> str:
