@@ -116,7 +116,6 @@ def test_validation_lanes_run_each_episode_whole_from_one_zero_state():
     rows = [r for r in source.plan().reshape(-1, 4) if r[PLAN_LENGTH]]
     assert sorted(int(r[PLAN_EPISODE]) for r in rows if r[PLAN_SINCE_RESET] == 0) == [0, 1, 2, 3]
     assert all(r[PLAN_SINCE_RESET] == r[PLAN_START] for r in rows)
-    assert source.batches == len(source.plan())
 
 
 def episodes_of(lengths: list[int], shape=(24, 32, 3), seed: int = 0) -> list[Episode]:

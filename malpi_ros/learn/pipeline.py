@@ -203,12 +203,6 @@ class ChunkSource:
         lengths = [len(e) for e in self.episodes]
         return chunk_plan(lengths, self.chunk, self.lanes, rng, split=self.split)
 
-    @property
-    def batches(self) -> int:
-        """Batches of the fixed plan; a random one (an epoch of training) may take a few more
-        or fewer, so its dataset's length is left unknown to ``tf.data``."""
-        return len(self.plan())
-
     def __len__(self) -> int:
         """Chunks of one pass without shuffling (padding not counted)."""
         return int(np.count_nonzero(self.plan()[..., PLAN_LENGTH]))
