@@ -33,7 +33,7 @@ build: install
 # Lint, then every test against the installed package (run from test/ so the source tree cannot
 # shadow it).
 test: build lint
-	cd test && ../$(VENV)/bin/pytest -p no:cacheprovider
+	cd test && ../$(VENV)/bin/pytest -p no:cacheprovider --durations=20
 
 # The edit-test loop: an incremental build, then every test not marked slow (under 2 min on
 # 2 cores). One file: `make build && cd test && ../.venv/bin/pytest -p no:cacheprovider FILE`.
