@@ -20,6 +20,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -393,14 +394,18 @@ def _fit(
         *callbacks,
     ]
     fit_started = time.perf_counter()
-    fit_model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=train_cfg.epochs,
-        callbacks=fit_callbacks,
-        verbose=verbose,
-        shuffle=False,  # the dataset shuffles itself, seeded
-    )
+    with warnings.catch_warnings():
+        # The carried-state datasets leave their length unknown (the chunk plan changes every
+        # epoch), so Keras finds each epoch's end by running out of data, as intended.
+        warnings.filterwarnings('ignore', message='Your input ran out of data')
+        fit_model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=train_cfg.epochs,
+            callbacks=fit_callbacks,
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles itself, seeded
+        )
     return fit_model, _read_history(history_path), best, time.perf_counter() - fit_started
 
 
