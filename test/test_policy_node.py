@@ -48,7 +48,7 @@ NODE = str(NODE_DIR / 'policy_node')
 OUTPUT = '/policy_node/output'
 DT = 0.05  # the tiny bundle's frame period: frames are paced a little slower than this
 STOP_AFTER = 0.5
-RESET_AFTER_GAP = 1.5
+RESET_AFTER_GAP = 3.0  # long: a loaded machine may take a second between two checked steps
 # The module's node: a generous max_frame_age so a re-sent frame (same stamp) still counts,
 # frequent diagnostics so tests need not wait long for a report.
 NODE_PARAMS = {
