@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 from support import REPO
 
-from malpi_ros.sim.compare import format_table, held_bytes, run_compare
+from malpi_ros.sim.compare import (
+    LSTM_BURN_IN,
+    format_table,
+    held_bytes,
+    recording_for,
+    run_compare,
+)
 from malpi_ros.sim.record import RecordConfig
 
 
@@ -22,6 +28,7 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
         epochs=1,
         laps=1,
         seed=3,
+        window_epochs=1,
         log=lines.append,
     )
     assert [(e.name, e.window, e.reset_every_frame) for e in entries] == [
@@ -45,3 +52,13 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
     assert table.count('\n| long |') == 3
     assert 'long: window 2 computes' in table
     assert any('recorded' in line for line in lines)
+
+
+def test_each_horizon_records_drives_one_lstm_window_long():
+    # The LSTM's windows reach about 90 frames before the long horizon's cue (58-60 frames
+    # before the fork); the recording's short drives are exactly one window each.
+    base = RecordConfig(episodes=1, laps=1, segments=3, segment_frames=40)
+    for horizon, frames in (('short', 120), ('long', 160)):
+        got = recording_for(horizon, base, 10)
+        assert got.segment_frames == frames == LSTM_BURN_IN[horizon] + 10
+        assert (got.episodes, got.laps, got.segments) == (1, 1, 3)

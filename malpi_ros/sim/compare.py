@@ -3,18 +3,24 @@ recordings and in the same simulator, at the short and the long memory horizon.
 
 Example:
     python -P -m malpi_ros.sim.compare --out compare_runs          # what `make compare` runs
-    python -P -m malpi_ros.sim.compare --horizons long --windows 3 --laps 5 --epochs 5
+    python -P -m malpi_ros.sim.compare --horizons short --window-epochs 6
 
 For each horizon (``TrackConfig.for_horizon``: the cue 14-15 or 58-60 frames of driving before
 the fork): record the expert in-process (``sim.record``; the demo's mix of full laps and short
-drives that end just past the fork), then train with ``config/sim_train.yaml`` on that one bag
-(one frame cache for all) each policy kind — (a) the LSTM with its state carried, (b) window
-policies that re-run their last K frames from a zero state every step (DonkeyCar's way; K = 3
-and 10 by default) — and drive each ``laps`` laps in-process (``demo.drive_offline``: frame,
-step, act, no ROS), plus the LSTM with its state reset before every frame (no memory). The
-table: cued branch taken / forks, off-track events, the policy's compute per frame (median
-``Policy.step``, measured in the same run), and what it holds between frames (the LSTM's
-state, or K fitted frames) with the peak RSS of a process that loads it and steps.
+drives that end just past the fork, each one LSTM training window long), then train with
+``config/sim_train.yaml`` on that one bag (one frame cache for all) each policy kind — (a) the
+LSTM, stepped with its state carried, (b) window policies that re-run their last K frames from
+a zero state every step (DonkeyCar's way; K = 3 and 10 by default) — and drive each ``laps``
+laps in-process (``demo.drive_offline``: frame, step, act, no ROS), plus the LSTM with its state
+reset before every frame (no memory). The table: cued branch taken / forks, off-track events,
+the policy's compute per frame (median ``Policy.step``, measured in the same run), and what it
+holds between frames (the LSTM's state, or K fitted frames) with the peak RSS of a process that
+loads it and steps.
+
+The LSTM trains with the recipe the simulator's figures support (README, "The memory recipe"):
+windows from a zero state whose burn-in reaches well before the cue (``LSTM_BURN_IN``: 110
+frames at the short horizon as the demo, 150 at the long one), 10 scored frames at the fork;
+the robot's way of stepping it, the state carried over all laps, is what the table measures.
 
 Everything goes under ``OUT/<timestamp>/``: the bags, bundles, ``results.json``, ``table.txt``.
 No ROS: nothing here starts rclpy.
@@ -40,14 +46,19 @@ from malpi_ros.sim.record import RecordConfig, record_expert
 from malpi_ros.sim.track import HORIZONS, TrackConfig
 from malpi_ros.sim.world import SimConfig
 
-# Same expert data as the demo, fewer short drives: each kind trains on it.
-COMPARE_RECORDING = RecordConfig(
-    episodes=6, laps=2, segments=300, segment_frames=160, image_format='jpeg'
-)
+# The LSTM's unscored steps before the 10 scored frames at the fork, per horizon: about 65 and
+# 90 frames of driving before the cue (14-15 and 58-60 frames before the fork), so the cue is
+# learned from a state with history, as on the road (shorter windows lost it there).
+LSTM_BURN_IN = {'short': 110, 'long': 150}
 
-# The LSTM's training chunks (frames the gradient reaches back), about twice the cue-to-fork
-# distance of each horizon (14-15 and 58-60 frames); the state itself is carried further.
-CARRIED_CHUNKS = {'short': 40, 'long': 128}
+# The demo's expert data: full laps, and short drives of one LSTM window each.
+COMPARE_RECORDING = RecordConfig(episodes=6, laps=2, segments=800, image_format='jpeg')
+
+
+def recording_for(horizon: str, record: RecordConfig, scored: int) -> RecordConfig:
+    """``record`` with its short drives one LSTM training window long at ``horizon``."""
+    return replace(record, segment_frames=LSTM_BURN_IN[horizon] + scored)
+
 
 _CHILD = """
 import json, sys
@@ -114,6 +125,7 @@ def run_compare(
     epochs: int | None,
     laps: int,
     seed: int,
+    window_epochs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Entry]:
     """Record, train and drive every kind at every horizon; returns the table's rows."""
@@ -125,20 +137,21 @@ def run_compare(
         sim = SimConfig(track=TrackConfig.for_horizon(horizon))
         bag = run_dir / f'{horizon}_bag'
         started = time.monotonic()
-        recorded = record_expert(bag, record, sim)
+        _, lstm_dataset, _ = build_configs(read_config_file(train_config), {}, str(train_config))
+        recorded = record_expert(bag, recording_for(horizon, record, lstm_dataset.seq_len), sim)
         log(
             f'{horizon}: recorded {recorded.frames} expert frames in '
             f'{time.monotonic() - started:.0f} s'
         )
         for window in (0, *windows):
-            overrides = {'window': window or None, 'epochs': epochs}
+            overrides = {
+                'window': window or None,
+                'epochs': (window_epochs or epochs) if window else epochs,
+                'burn_in': None if window else LSTM_BURN_IN[horizon],
+            }
             policy, dataset, train_cfg = build_configs(
                 read_config_file(train_config), overrides, str(train_config)
             )
-            if not window:
-                dataset = replace(
-                    dataset, state='carried', seq_len=CARRIED_CHUNKS[horizon], burn_in=10
-                )
             name = f'window {window}' if window else 'LSTM, state carried'
             bundle = run_dir / f'{horizon}_{"window" + str(window) if window else "lstm"}'
             started = time.monotonic()
@@ -217,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--windows', nargs='*', type=int, default=[3, 10], help='window Ks')
     parser.add_argument('--laps', type=int, default=20, help='laps each kind drives')
     parser.add_argument('--epochs', type=int, help='override the training config')
+    parser.add_argument(
+        '--window-epochs', type=int, help="window policies' epochs (default: as --epochs)"
+    )
     parser.add_argument('--episodes', type=int, help='full-lap expert episodes to record')
     parser.add_argument('--segments', type=int, help='short cue-to-fork expert drives')
     parser.add_argument('--train-config', type=Path, help='default: config/sim_train.yaml')
@@ -245,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             laps=args.laps,
             seed=args.seed,
+            window_epochs=args.window_epochs,
             log=log,
         )
     except MalpiError as err:
