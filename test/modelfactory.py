@@ -60,12 +60,14 @@ def make_tiny_bundle(
     dt: float = 0.1,
     always: str | None = None,
     sources: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Build a tiny random policy and save it as a bundle at ``path``; returns the path.
 
     ``always``: an action name the policy then picks on every frame (its output layer ignores
     the state), for tests that need a robot that keeps driving. ``sources``: the training
-    recordings to list (``malpi-ros export`` reads them), else a synthetic placeholder.
+    recordings to list (``malpi-ros export`` reads them), else a synthetic placeholder;
+    ``extra``: the metadata's ``extra`` (what training records there: ``dataset``, ``train``).
     """
     from malpi_ros.learn.export import save_bundle
 
@@ -85,4 +87,5 @@ def make_tiny_bundle(
         seq_len=10,
         sources=sources or [{'path': 'synthetic', 'sha256': '0' * 64}],
         metrics={'note': 'random weights (test/modelfactory.py)', 'seed': seed},
+        extra=extra,
     )

@@ -17,7 +17,7 @@ from modelfactory import make_tiny_bundle
 
 from malpi_ros.bagio import reader as bagio
 from malpi_ros.cli import main
-from malpi_ros.config import DatasetConfig, TrainConfig
+from malpi_ros.config import DatasetConfig
 from malpi_ros.errors import BundleError, ConfigError
 from malpi_ros.learn.dataset import load_recordings, split_by_episode
 from malpi_ros.runtime.bundle import (
@@ -31,6 +31,9 @@ from malpi_ros.runtime.bundle import (
 from malpi_ros.runtime.policy import Policy
 
 EPISODES = (40, 35, 30, 45)  # frames; 10 s pauses split the bag into these episodes
+# What `malpi-ros train` stores in extra.train: its TrainConfig and the recipe's clipnorm. The
+# split is training's: val_fraction and seed from here, not the defaults.
+TRAIN = {'val_fraction': 0.3, 'seed': 5}
 
 
 def _drive_bag(path, seed=0):
@@ -46,7 +49,11 @@ def _drive_bag(path, seed=0):
 
 
 def _bundle_of(path, bag):
-    return make_tiny_bundle(path, sources=[{'path': str(bag), 'sha256': bagio.sha256_of_bag(bag)}])
+    return make_tiny_bundle(
+        path,
+        sources=[{'path': str(bag), 'sha256': bagio.sha256_of_bag(bag)}],
+        extra={'train': {**TRAIN, 'clipnorm': 1.0}},
+    )
 
 
 @pytest.fixture(scope='module')
@@ -65,8 +72,9 @@ def _held_out_episodes(bundle, bag):
     config = load_bundle(bundle).config
     recordings = load_recordings([bag], config.preprocess, DatasetConfig(seq_len=1, burn_in=0),
                                  config.actions)  # fmt: skip
-    train = TrainConfig()
-    return split_by_episode(recordings.episodes, train.val_fraction, train.seed).val
+    split = split_by_episode(recordings.episodes, TRAIN['val_fraction'], TRAIN['seed'])
+    assert split.val != split_by_episode(recordings.episodes, 0.2, 0).val  # a split of its own
+    return split.val
 
 
 def test_export_adds_an_int8_file_listed_with_precision_sha256_and_agreement(exported):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +251,12 @@ def _training_split(
                 'sha256 is not in metadata field sources): the held-out split would not be '
                 "training's; give other recordings with --held-out"
             )
+    # Training stores its TrainConfig with a few recipe constants beside it (clipnorm).
+    stored = bundle.metadata['extra'].get('train', {})
+    known = {f.name for f in fields(TrainConfig)}
     try:
-        train_cfg = from_dict(TrainConfig, bundle.metadata['extra'].get('train', {}))
-    except ConfigError as err:
+        train_cfg = from_dict(TrainConfig, {k: v for k, v in stored.items() if k in known})
+    except (ConfigError, AttributeError) as err:
         raise BundleError(f'{bundle.path}: metadata field extra.train: {err}') from err
     split = split_by_episode(recordings.episodes, train_cfg.val_fraction, train_cfg.seed)
     held = list(split.val)
