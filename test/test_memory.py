@@ -46,6 +46,7 @@ def junction_accuracy(report) -> tuple[float, float, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # training ~3 min on 2 cores, the int8 export and runs ~1 more
 def test_the_lstm_remembers_at_every_distance_from_the_last_reset(tmp_path, record_property):
     # The recipe under test is the default one: pin what it is.
     assert DatasetConfig().state == 'carried' and TrainConfig().learning_rate == 3e-4

@@ -120,9 +120,19 @@ def state_trajectories(
     """Per episode, (h, c) *before* each frame, each (N, units): the state the robot holds when
     that frame arrives, running the episode from a zero state (the first frame's is zero)."""
     units = config.model.lstm_units
+    state = tf.TensorSpec((1, units), tf.float32)
+
+    # One graph for every chunk length: called eagerly, the RNN stepped in Python (minutes for
+    # a few thousand frames here); traced once with T unknown, a while loop (seconds).
+    @tf.function(
+        input_signature=[tf.TensorSpec((1, None, *config.model.input_shape), tf.float32),
+                         state, state]
+    )  # fmt: skip
+    def run(x: Any, h: Any, c: Any) -> Any:
+        return state_model({SEQUENCE_INPUT: x, 'h': h, 'c': c}, training=False)
 
     def step(x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
-        after = np.asarray(state_model({SEQUENCE_INPUT: x, 'h': h, 'c': c}))[0]
+        after = run(x, h, c).numpy()[0]
         before = np.concatenate([np.concatenate([h, c], axis=1), after[:-1]])
         return before, after[-1:, :units], after[-1:, units:]
 
