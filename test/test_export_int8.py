@@ -103,15 +103,30 @@ def test_the_stored_agreement_is_fp32_vs_int8_stepped_over_the_held_out_episode(
     fp32 = Policy.from_bundle(exported['bundle'], num_threads=1)
     int8 = Policy.from_bundle(exported['bundle'], num_threads=1, precision='int8')
     assert (fp32.precision, int8.precision) == ('fp32', 'int8')
-    same, worst = [], 0.0
+    same, worst, labels = [], 0.0, []
     for ep in held:
-        for frame in ep.frames:
+        for frame, label in zip(ep.frames, ep.labels, strict=True):
             a, b = fp32.step_fitted(frame), int8.step_fitted(frame)
             same.append(a.action == b.action)
+            labels.append(label)
             worst = max(worst, float(np.max(np.abs(a.probabilities - b.probabilities))))
+    same, labels = np.array(same), np.array(labels)
     assert np.mean(same) == pytest.approx(entry['agreement']['same_action'])
     assert worst == pytest.approx(entry['agreement']['max_prob_diff'], abs=1e-6)
     assert worst > 0.0  # the int8 file really ran, not the fp32 one
+    # Per action label (the rare turns are where memory matters), and the score: the lowest of
+    # all frames and each label with >= 20 frames.
+    names = load_bundle(exported['bundle']).config.actions.names
+    by_label = entry['agreement']['by_label']
+    assert sum(v['frames'] for v in by_label.values()) == len(same)
+    scored = [np.mean(same)]
+    for name, value in by_label.items():
+        mine = labels == names.index(name)
+        assert value['frames'] == mine.sum()
+        assert value['same_action'] == pytest.approx(np.mean(same[mine]))
+        if mine.sum() >= 20:
+            scored.append(np.mean(same[mine]))
+    assert entry['agreement']['score'] == pytest.approx(min(scored))
 
 
 def test_representative_states_are_the_ones_the_robot_reaches(exported):
@@ -138,7 +153,7 @@ def test_full_integer_falls_back_to_dynamic_range_below_the_threshold(exported, 
     assert main(['export', str(bundle), '--int8', '--min-agreement', '1.0']) == 0
     entry = load_bundle(bundle).metadata['files'][INT8_FILE]
     first = entry['tried'][0]
-    assert first['quantization'] == 'full_integer' and first['same_action'] < 1.0, entry
+    assert first['quantization'] == 'full_integer' and first['score'] < 1.0, entry
     assert [t['quantization'] for t in entry['tried']] == ['full_integer', 'dynamic_range']
     assert entry['quantization'] == 'dynamic_range' and entry['min_agreement'] == 1.0
     forced = shutil.copytree(exported['plain'], tmp_path / 'forced')

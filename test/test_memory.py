@@ -105,8 +105,8 @@ def test_the_lstm_remembers_at_every_distance_from_the_last_reset(tmp_path, reco
         f'int8 ({entry["quantization"]}): junction accuracy carried {int8["carried"]:.3f}, '
         f'reset {int8["reset"]:.3f}; same action as fp32 on '
         f'{entry["agreement"]["same_action"]:.4f} of {entry["agreement"]["frames"]} held-out '
-        f'frames, max probability difference {entry["agreement"]["max_prob_diff"]:.4f}; tried '
-        f'{entry["tried"]}'
+        f'frames (score {entry["agreement"]["score"]:.4f}), max probability difference '
+        f'{entry["agreement"]["max_prob_diff"]:.4f}; tried {entry["tried"]}'
     )
     print(int8_line)
     record_property('junction_accuracy_int8_carried', int8['carried'])
