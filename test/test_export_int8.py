@@ -48,9 +48,10 @@ def _drive_bag(path, seed=0):
     )
 
 
-def _bundle_of(path, bag):
+def _bundle_of(path, bag, seed=0):
     return make_tiny_bundle(
         path,
+        seed=seed,
         sources=[{'path': str(bag), 'sha256': bagio.sha256_of_bag(bag)}],
         extra={'train': {**TRAIN, 'clipnorm': 1.0}},
     )
@@ -182,6 +183,15 @@ def test_a_bad_int8_file_stops_start_up_naming_it(exported, tmp_path):
     write_json(bundle / METADATA_FILE, meta)
     with pytest.raises(BundleError, match=rf'{INT8_FILE}: step model has'):
         Policy.from_bundle(bundle, precision='int8')
+    # The int8 file of another model of the same shapes, its entry copied and resealed.
+    twin = _bundle_of(tmp_path / 'twin', exported['bag'], seed=1)  # same shapes, other weights
+    twin_meta = json.loads((twin / METADATA_FILE).read_text())
+    shutil.copyfile(exported['bundle'] / INT8_FILE, twin / INT8_FILE)
+    twin_meta['files'][INT8_FILE] = load_bundle(exported['bundle']).metadata['files'][INT8_FILE]
+    twin_meta['metadata_sha256'] = metadata_digest(twin_meta)
+    write_json(twin / METADATA_FILE, twin_meta)
+    with pytest.raises(BundleError, match=rf'files.{INT8_FILE}.quantized_from: .*another model'):
+        Policy.from_bundle(twin, precision='int8')
     # A precision that is not the file's role.
     entry['precision'] = 'fp32'
     meta['metadata_sha256'] = metadata_digest(meta)

@@ -48,6 +48,7 @@ from malpi_ros.learn.model import (
 from malpi_ros.runtime import image
 from malpi_ros.runtime.bundle import (
     INT8_FILE,
+    KERAS_FILE,
     QUANTIZATIONS,
     Bundle,
     add_model_file,
@@ -390,5 +391,7 @@ def export_int8(
             fp32_bytes=bundle.tflite_path.stat().st_size,
             int8_bytes=candidate.stat().st_size,
         )
-        add_model_file(path, candidate, INT8_FILE, **result.info(min_agreement, described))
+        info = result.info(min_agreement, described)
+        info['quantized_from'] = bundle.metadata['files'][KERAS_FILE]['sha256']
+        add_model_file(path, candidate, INT8_FILE, **info)
     return result

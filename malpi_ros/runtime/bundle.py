@@ -482,6 +482,7 @@ def check_metadata(meta_path: Path, metadata: Any) -> PolicyConfig:
         size = entry.get('bytes')
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise bad(f'files.{name}.bytes', f'must be an integer > 0, got {size!r}')
+    _check_quantized_from(metadata['files'], bad)
     _check_tflite_io(metadata['tflite_io'], config, bad)
     return config
 
@@ -497,6 +498,22 @@ def _check_precision(name: str, entry: dict[str, Any], bad: Any) -> None:
         raise bad(
             f'files.{name}.quantization',
             f'must be one of {", ".join(QUANTIZATIONS)}, got {entry.get("quantization")!r}',
+        )
+
+
+def _check_quantized_from(files: dict[str, Any], bad: Any) -> None:
+    """The int8 step model names the ``model.keras`` it was quantized from: an int8 file of
+    another model with the same shapes (copied in, the metadata resealed) is refused, not run
+    as this bundle's."""
+    entry = files.get(INT8_FILE)
+    if entry is None:
+        return
+    source = files[KERAS_FILE]['sha256']
+    if entry.get('quantized_from') != source:
+        raise bad(
+            f'files.{INT8_FILE}.quantized_from',
+            f"{entry.get('quantized_from')!r} is not this bundle's {KERAS_FILE} ({source}): "
+            f'made from another model; export again',
         )
 
 
