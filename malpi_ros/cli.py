@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'inspect': ('inspect', 'summarize rosbag2 recordings: topics, rates, gaps, label histogram'),
     'train': ('train', 'train a conv+LSTM bundle from recordings of a person driving'),
     'evaluate': ('evaluate', 'run the robot runtime frame by frame over recordings and score it'),
+    'export': ('export', 'add an int8 step model to a bundle, with its agreement with fp32'),
     'record': ('record', 'record topics into a rosbag2 (mcap) bag, for machines without ros2'),
     'recover': ('recover', 'rebuild a recording its recorder did not finish (crash, full disk)'),
     'play': ('play', 'publish a rosbag2 recording with its original timing'),

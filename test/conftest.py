@@ -51,6 +51,7 @@ SLOW = {
     },
     'test_policy_node.py': {
         'test_keras_backend_runs_and_agrees_with_the_offline_policy',
+        'test_precision_int8_runs_the_exported_int8_model',
         'test_a_png_bomb_is_dropped_fast_and_small_and_a_slow_decode_is_not_stepped',
         'test_use_sim_time_ages_frames_on_clock_and_without_clock_steps_nothing',
         'test_compressed_frames_seeded_sampling_and_starting_disabled',

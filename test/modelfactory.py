@@ -59,11 +59,15 @@ def make_tiny_bundle(
     actions: ActionTable | None = None,
     dt: float = 0.1,
     always: str | None = None,
+    sources: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Build a tiny random policy and save it as a bundle at ``path``; returns the path.
 
     ``always``: an action name the policy then picks on every frame (its output layer ignores
-    the state), for tests that need a robot that keeps driving.
+    the state), for tests that need a robot that keeps driving. ``sources``: the training
+    recordings to list (``malpi-ros export`` reads them), else a synthetic placeholder;
+    ``extra``: the metadata's ``extra`` (what training records there: ``dataset``, ``train``).
     """
     from malpi_ros.learn.export import save_bundle
 
@@ -81,6 +85,7 @@ def make_tiny_bundle(
         config,
         dt=dt,
         seq_len=10,
-        sources=[{'path': 'synthetic', 'sha256': '0' * 64}],
+        sources=sources or [{'path': 'synthetic', 'sha256': '0' * 64}],
         metrics={'note': 'random weights (test/modelfactory.py)', 'seed': seed},
+        extra=extra,
     )

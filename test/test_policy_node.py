@@ -586,6 +586,42 @@ def test_keras_backend_runs_and_agrees_with_the_offline_policy(bundle, frames, t
         assert r.wait_status(lambda v: v['backend'] == 'keras')
 
 
+def test_precision_int8_runs_the_exported_int8_model(frames, tmp_path):
+    """precision:=int8 steps the bundle's step_int8.tflite (made by malpi-ros export from a
+    real recording), as the offline int8 policy does, and says so in /diagnostics."""
+    from bagfactory import synthetic_drive, write_bag
+
+    from malpi_ros.bagio import reader as bagio
+    from malpi_ros.cli import main
+
+    drives = [synthetic_drive(30, start=1000.0 + 20.0 * k, seed=k) for k in range(3)]
+    bag = write_bag(tmp_path / 'drive', frames=[f for d in drives for f in d.frames],
+                    commands=[c for d in drives for c in d.commands])  # fmt: skip
+    source = {'path': str(bag), 'sha256': bagio.sha256_of_bag(bag)}
+    int8_bundle = make_tiny_bundle(tmp_path / 'bundle', dt=DT, sources=[source])
+    assert main(['export', str(int8_bundle), '--int8', '--quantization', 'full_integer']) == 0
+    env = ros_env()
+    log = tmp_path / 'node.log'
+    messages = [fields(rgb) for rgb in frames[:4]]
+    want = Policy.from_bundle(int8_bundle, precision='int8')
+    want_fp32 = offline(int8_bundle, messages)
+    with (
+        graph(int(env['ROS_DOMAIN_ID'])) as g,
+        running(ros_args(int8_bundle, precision='int8', max_frame_age=2.0), env, log) as proc,
+    ):
+        r = Rig(g, proc, log, env)
+        outs = [out for out, _ in r.steps(messages)]
+        for i, (out, m) in enumerate(zip(outs, messages, strict=True)):
+            assert_same(out, want.step(image.decode(SimpleNamespace(**m))), step=i + 1)
+        assert r.wait_status(lambda v: v['precision'] == 'int8')
+    # Not the fp32 model's outputs: the node really ran the int8 file.
+    assert any(
+        not np.allclose(out.probabilities, w.probabilities, atol=1e-6)
+        for out, w in zip(outs, want_fp32, strict=True)
+    )
+    assert 'on litert (int8)' in log.read_text()
+
+
 def _corrupt_tflite(bundle: Path) -> Path:
     (bundle / 'step.tflite').write_bytes(b'\0' * (bundle / 'step.tflite').stat().st_size)
     return bundle / 'step.tflite'

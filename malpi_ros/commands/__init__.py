@@ -30,3 +30,11 @@ def non_negative_number(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f'must be >= 0, got {text!r}')
     return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a finite number in [0, 1] (a share of frames)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'must be in [0, 1], got {text!r}')
+    return value

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--backend', choices=BACKENDS, default='litert', help='step runtime (default: litert)'
     )
+    parser.add_argument(
+        '--precision',
+        choices=('fp32', 'int8'),
+        default='fp32',
+        help='the step model: fp32, or int8 (added by malpi-ros export BUNDLE --int8)',
+    )
     parser.add_argument('--out', type=Path, help='write report.json, report.txt, confusion.png')
     parser.add_argument('--json', action='store_true', help='print one JSON document')
     parser.add_argument(
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         cmd_topic=args.cmd_topic,
         cache_dir=args.cache_dir,
         num_threads=args.threads,
+        precision=args.precision,
         focus=args.focus,
         log=log,
     )

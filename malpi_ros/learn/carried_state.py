@@ -16,7 +16,7 @@ padding do not count), ``val_`` ones for validation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -84,6 +84,26 @@ class CarriedStateTrainer(keras.Model):
         return self.net(inputs, training=training)
 
 
+def over_chunks(
+    step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, np.ndarray, np.ndarray]],
+    episode: Episode,
+    preprocess: PreprocessConfig,
+    units: int,
+    chunk: int = 256,
+) -> list[Any]:
+    """``step(x, h, c) -> (result, h_next, c_next)`` over the episode's frames, ``chunk`` at
+    a time (``x`` normalized, (1, T, H, W, C)), the state carried from zero at its start (the
+    robot's way) so long episodes fit in memory; the results in order."""
+    h = np.zeros((1, units), np.float32)
+    c = np.zeros((1, units), np.float32)
+    results = []
+    for start in range(0, len(episode), chunk):
+        x = normalize(episode.frames[start : start + chunk], preprocess)[None]
+        result, h, c = step(x, h, c)
+        results.append(result)
+    return results
+
+
 def predict_episodes(
     net: keras.Model,
     episodes: Sequence[Episode],
@@ -91,18 +111,16 @@ def predict_episodes(
     units: int,
     chunk: int = 256,
 ) -> list[np.ndarray]:
-    """Argmax actions of every frame of each episode, the state carried from the episode's
-    start (the robot's way), ``chunk`` frames at a time so long episodes fit in memory.
-    ``net`` is ``model.build_carried_model``'s."""
+    """Argmax actions of every frame of each episode (``over_chunks``). ``net`` is
+    ``model.build_carried_model``'s."""
+
+    def step(x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        result = net({SEQUENCE_INPUT: x, 'h': h, 'c': c}, training=False)
+        actions = np.argmax(np.asarray(result['probs'])[0], axis=-1)
+        return actions, np.asarray(result['h_next']), np.asarray(result['c_next'])
+
     out = []
     for episode in episodes:
-        h = np.zeros((1, units), np.float32)
-        c = np.zeros((1, units), np.float32)
-        actions = []
-        for start in range(0, len(episode), chunk):
-            x = normalize(episode.frames[start : start + chunk], preprocess)[None]
-            result = net({SEQUENCE_INPUT: x, 'h': h, 'c': c}, training=False)
-            h, c = np.asarray(result['h_next']), np.asarray(result['c_next'])
-            actions.append(np.argmax(np.asarray(result['probs'])[0], axis=-1))
+        actions = over_chunks(step, episode, preprocess, units, chunk)
         out.append(np.concatenate(actions) if actions else np.zeros(0, np.int64))
     return out

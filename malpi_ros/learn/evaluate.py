@@ -315,19 +315,23 @@ def evaluate_bundle(
     num_threads: int = 2,
     focus: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
+    precision: str = 'fp32',
 ) -> EvaluationReport:
     """Run the bundle's step runtime over every episode of ``bags`` and score it.
 
     ``dataset`` None: the bundle's own labelling rules (see ``dataset_config_of``). Episodes
     of any length count (windows are a training matter). ``parity`` also runs the sequence
     model over each episode (imports TensorFlow). ``focus``: action names whose frames the
-    accuracy by frames since the last reset is reported on (all frames when empty). Errors
-    name the bag, topic or bundle file.
+    accuracy by frames since the last reset is reported on (all frames when empty).
+    ``precision``: the bundle's fp32 or int8 step model (LiteRT). Errors name the bag, topic or
+    bundle file.
     """
     started = time.perf_counter()
     if backend not in BACKENDS:
         raise ConfigError(f'backend must be one of {", ".join(BACKENDS)}, got {backend!r}')
-    policy = Policy.from_bundle(bundle, backend=backend, num_threads=num_threads)
+    policy = Policy.from_bundle(
+        bundle, backend=backend, num_threads=num_threads, precision=precision
+    )
     loaded = policy.bundle
     assert loaded is not None  # from_bundle sets it
     config = loaded.config

@@ -19,7 +19,7 @@ import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ from malpi_ros.runtime.litert import SIGNATURE, LiteRTStep
 EXPORT_TOLERANCE = 1e-4
 
 
-def export_litert(step_model: keras.Model, path: str | Path) -> dict[str, Any]:
-    """Convert the step model to a batch-1 ``.tflite`` at ``path``, check it, describe its I/O.
-
-    Raises ``BundleError`` when the converted model does not reproduce Keras.
-    """
+def convert_step_model(
+    step_model: keras.Model,
+    path: str | Path,
+    configure: Callable[[Any], None] | None = None,
+) -> None:
+    """Convert the step model to a batch-1 ``.tflite`` at ``path`` (unchecked: see
+    ``export_litert``). ``configure(converter)`` may set quantization options first."""
     path = Path(path)
     frame_shape = tuple(step_model.input['frame'].shape[1:])
     units = step_model.input['h'].shape[-1]
@@ -64,11 +66,21 @@ def export_litert(step_model: keras.Model, path: str | Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix='malpi_savedmodel_') as saved:
         archive.write_out(saved, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+        if configure is not None:
+            configure(converter)
         try:
             flatbuffer = converter.convert()
         except Exception as err:  # the converter raises many unrelated types
             raise BundleError(f'{path}: LiteRT conversion failed: {err}') from err
     path.write_bytes(flatbuffer)
+
+
+def export_litert(step_model: keras.Model, path: str | Path) -> dict[str, Any]:
+    """Convert the step model to a batch-1 ``.tflite`` at ``path``, check it, describe its I/O.
+
+    Raises ``BundleError`` when the converted model does not reproduce Keras.
+    """
+    convert_step_model(step_model, path)
     runtime = LiteRTStep(path, num_threads=1)
     verify_litert(step_model, runtime)
     return runtime.describe()

@@ -135,6 +135,19 @@ def build_step_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.Mod
     return keras.Model({'frame': frame, 'h': h, 'c': c}, outputs, name='malpi_step')
 
 
+def _stateful_inputs(
+    cfg: ModelConfig, frame_layers: list[layers.Layer], name: str
+) -> tuple[Any, Any, Any, Any]:
+    """Inputs frames (B, T, H, W, C), h, c, and the per-frame features (B, T, F) of the frames:
+    the start of every sequence model whose initial state is an input."""
+    frames = keras.Input(shape=(None, *cfg.input_shape), name=SEQUENCE_INPUT, dtype='float32')
+    h = keras.Input(shape=(cfg.lstm_units,), name='h', dtype='float32')
+    c = keras.Input(shape=(cfg.lstm_units,), name='c', dtype='float32')
+    folded = FoldTime(name=f'fold_time_{name}')(frames)
+    sequence = UnfoldTime(name=f'unfold_time_{name}')(_encode(frame_layers, folded), like=frames)
+    return frames, h, c, sequence
+
+
 def build_carried_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.Model:
     """The training model for a state carried across chunks (truncated BPTT):
     {frames (B, T, H, W, C), h, c} -> {probs (B, T, actions), h_next, c_next}.
@@ -145,11 +158,7 @@ def build_carried_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.
     outputs.
     """
     frame_layers, lstm, dense = _shared_layers(cfg, sequence_model)
-    frames = keras.Input(shape=(None, *cfg.input_shape), name=SEQUENCE_INPUT, dtype='float32')
-    h = keras.Input(shape=(cfg.lstm_units,), name='h', dtype='float32')
-    c = keras.Input(shape=(cfg.lstm_units,), name='c', dtype='float32')
-    folded = FoldTime(name='fold_time_carried')(frames)
-    sequence = UnfoldTime(name='unfold_time_carried')(_encode(frame_layers, folded), like=frames)
+    frames, h, c, sequence = _stateful_inputs(cfg, frame_layers, 'carried')
     carried = layers.RNN(lstm.cell, return_sequences=True, return_state=True, name='lstm_carried')
     out, h_next, c_next = carried(sequence, initial_state=[h, c])
     outputs = {
@@ -158,6 +167,36 @@ def build_carried_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.
         'c_next': layers.Identity(name='c_next')(c_next),
     }
     return keras.Model({SEQUENCE_INPUT: frames, 'h': h, 'c': c}, outputs, name='malpi_carried')
+
+
+class _StatesOut(layers.Layer):
+    """An RNN cell that runs ``cell`` and outputs its new state ``[h, c]`` (concatenated)
+    instead of ``h``: the LSTM state after every frame, from one sequence call."""
+
+    def __init__(self, cell: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cell = cell
+        self.state_size = cell.state_size
+        self.output_size = 2 * cell.units
+
+    def call(self, inputs: Any, states: Any, training: Any = None) -> tuple[Any, Any]:
+        _, new_states = self.cell(inputs, states, training=training)
+        return ops.concatenate(list(new_states), axis=-1), new_states
+
+
+def build_state_model(cfg: ModelConfig, sequence_model: keras.Model) -> keras.Model:
+    """The LSTM state along sequences: {frames (B, T, H, W, C), h, c} -> (B, T, 2*units),
+    ``[h, c]`` after each frame, from ``sequence_model``'s own layers and weights.
+
+    What the int8 export calibrates on (``learn/quantize.py``): the states the trained model
+    really passes through on recordings, not guesses of their range.
+    """
+    frame_layers, lstm, _ = _shared_layers(cfg, sequence_model)
+    frames, h, c, sequence = _stateful_inputs(cfg, frame_layers, 'states')
+    states = layers.RNN(_StatesOut(lstm.cell), return_sequences=True, name='lstm_states')(
+        sequence, initial_state=[h, c]
+    )
+    return keras.Model({SEQUENCE_INPUT: frames, 'h': h, 'c': c}, states, name='malpi_states')
 
 
 def compile_for_training(model: keras.Model, learning_rate: float = 3e-4) -> keras.Model:

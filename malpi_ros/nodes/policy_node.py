@@ -102,7 +102,11 @@ def load_policy(cfg: PolicyNodeConfig) -> Policy:
     selector = cfg.selector()
     try:
         policy = Policy.from_bundle(
-            cfg.bundle, cfg.backend, num_threads=cfg.num_threads, selector=selector
+            cfg.bundle,
+            cfg.backend,
+            num_threads=cfg.num_threads,
+            selector=selector,
+            precision=cfg.precision,
         )
         model = policy.config.model
         policy.step(np.zeros((model.height, model.width, 3), np.uint8))
@@ -170,7 +174,7 @@ class PolicyNode(Node):
 
         model = self.policy.config.model
         self.get_logger().info(
-            f'bundle {self.cfg.bundle} on {self.policy.backend}: '
+            f'bundle {self.cfg.bundle} on {self.policy.backend} ({self.policy.precision}): '
             f'{model.height}x{model.width}x{model.channels}, dt {self.policy.dt} s, actions '
             f'{", ".join(self._actions.names)}, selection {self.cfg.selection}; '
             f'{"enabled" if self._enabled else "disabled"}, waiting for frames on '
@@ -329,6 +333,7 @@ class PolicyNode(Node):
                 ('steps_since_reset', str(self.policy.steps_since_reset)),
                 ('enabled', str(self.enabled).lower()),
                 ('backend', self.policy.backend),
+                ('precision', self.policy.precision),
                 ('bundle', self.cfg.bundle),
                 ('dt_s', f'{self.policy.dt:g}'),
             ),

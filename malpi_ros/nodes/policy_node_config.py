@@ -15,6 +15,7 @@ from malpi_ros.checks import flag, in_range, positive
 from malpi_ros.errors import ConfigError
 from malpi_ros.nodes.params import ParamSpec
 from malpi_ros.runtime.actions import SELECTION_MODES, ActionSelector
+from malpi_ros.runtime.bundle import PRECISIONS, check_precision
 from malpi_ros.runtime.frame_size import (
     DEFAULT_MAX_FRAME_PIXELS,
     MAX_FRAME_PIXELS_CAP,
@@ -48,6 +49,7 @@ class PolicyNodeConfig:
 
     bundle: str
     backend: str = 'litert'
+    precision: str = 'fp32'  # the bundle's fp32 or int8 step model (int8: litert only)
     num_threads: int = 0  # 0: auto, one per core, 1 to 4 (runtime_litert.auto_threads)
     compressed: bool = False
     selection: str = 'argmax'
@@ -71,6 +73,12 @@ class PolicyNodeConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(
                 f'backend must be one of {", ".join(BACKENDS)}, got {self.backend!r}'
+            )
+        check_precision(self.precision)
+        if self.precision != 'fp32' and self.backend != 'litert':
+            raise ConfigError(
+                f'precision {self.precision} runs on the litert backend, got backend '
+                f'{self.backend!r}'
             )
         if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int):
             raise ConfigError(f'num_threads must be an integer >= 0, got {self.num_threads!r}')
@@ -110,6 +118,11 @@ PARAMETERS: dict[str, ParamSpec] = {
     'backend': ParamSpec(
         _DEFAULTS['backend'],
         f'runtime: {" | ".join(BACKENDS)} (litert on the robot: no TensorFlow in the process)',
+    ),
+    'precision': ParamSpec(
+        _DEFAULTS['precision'],
+        f'step model: {" | ".join(PRECISIONS)} (int8: litert; add it with malpi-ros export '
+        'BUNDLE --int8)',
     ),
     'num_threads': ParamSpec(
         _DEFAULTS['num_threads'],

@@ -3,7 +3,9 @@
 ``model.keras`` (the sequence model), ``step.tflite`` (the LiteRT step model) and
 ``metadata.json`` (the policy config — input size, normalization, action table —, the frame
 period ``dt`` and window length it was trained at, the training bags with their hashes, metrics,
-versions, file checksums and the LiteRT I/O). DESIGN §3.
+versions, file checksums and the LiteRT I/O). DESIGN §3. ``malpi-ros export BUNDLE --int8``
+may add ``step_int8.tflite``, a quantized step model; every model file's entry in ``files``
+says its precision (and the int8 one how it was quantized and how well it agreed with fp32).
 
 Loading never imports TensorFlow (the robot's LiteRT process must not pay for it). Saving needs
 it to write the model files, so ``save_bundle`` lives in ``learn/export.py``; the atomic swap,
@@ -36,7 +38,14 @@ FORMAT_VERSION = 1
 METADATA_FILE = 'metadata.json'
 KERAS_FILE = 'model.keras'
 TFLITE_FILE = 'step.tflite'
-MODEL_FILES = (KERAS_FILE, TFLITE_FILE)
+INT8_FILE = 'step_int8.tflite'
+MODEL_FILES = (KERAS_FILE, TFLITE_FILE)  # every bundle has these; INT8_FILE is optional
+PRECISIONS = ('fp32', 'int8')  # Policy.from_bundle(precision=...), policy_node's precision
+# file -> the precision its entry in metadata.json field files must state. Bundles saved before
+# precisions were recorded have no 'precision' in their entries: theirs is fp32.
+FILE_PRECISION = {KERAS_FILE: 'fp32', TFLITE_FILE: 'fp32', INT8_FILE: 'int8'}
+STEP_FILES = {'fp32': TFLITE_FILE, 'int8': INT8_FILE}  # precision -> LiteRT step model
+QUANTIZATIONS = ('full_integer', 'dynamic_range')  # how an int8 step model was made
 CHECKSUM_FIELD = 'metadata_sha256'  # sha256 of metadata.json's own content, this field left out
 MAX_METADATA_BYTES = 16 << 20  # a metadata.json is a few KB; refuse to parse a huge one
 
@@ -52,6 +61,29 @@ class Bundle:
     metadata: dict[str, Any]
     keras_path: Path
     tflite_path: Path
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The step-model precisions this bundle holds (fp32 always; int8 once exported)."""
+        return tuple(p for p in PRECISIONS if STEP_FILES[p] in self.metadata['files'])
+
+    def step_path(self, precision: str = 'fp32') -> Path:
+        """The LiteRT step model of ``precision``; BundleError when the bundle has none."""
+        name = STEP_FILES[check_precision(precision)]
+        if name not in self.metadata['files']:
+            raise BundleError(
+                f'{self.path / name}: no {precision} step model in this bundle ({METADATA_FILE} '
+                f'field files lists {sorted(self.metadata["files"])}); add one with: '
+                f'malpi-ros export {self.path} --int8'
+            )
+        return self.path / name
+
+
+def check_precision(precision: object) -> str:
+    """``precision`` if it is one of ``PRECISIONS``, else a ConfigError saying what it got."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    return str(precision)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -76,13 +108,17 @@ def checkpoint(step: str) -> None:
     """A named step of ``save_bundle``; tests replace this to fail (or look) at each step."""
 
 
-def file_entry(path: Path) -> dict[str, Any]:
-    return {'sha256': sha256_file(path), 'bytes': path.stat().st_size}
+def file_entry(path: Path, **info: Any) -> dict[str, Any]:
+    """A ``files`` entry: sha256, size, the precision the file's name implies, and ``info``."""
+    entry = {'sha256': sha256_file(path), 'bytes': path.stat().st_size, **info}
+    if path.name in FILE_PRECISION:
+        entry.setdefault('precision', FILE_PRECISION[path.name])
+    return entry
 
 
 def check_extra_files(extra_files: Mapping[str, str | Path]) -> dict[str, Path]:
     """Plain, non-clashing names of existing files: checked before anything is written."""
-    reserved = {METADATA_FILE, *MODEL_FILES}
+    reserved = {METADATA_FILE, *FILE_PRECISION}
     copies = {}
     for name, source in extra_files.items():
         if (
@@ -198,6 +234,38 @@ def fsync_tree(directory: Path) -> None:
     _fsync_dir(directory)
 
 
+def add_model_file(path: str | Path, source: str | Path, name: str, **info: Any) -> Path:
+    """Put ``source`` into the bundle at ``path`` as ``name`` (one of ``FILE_PRECISION``,
+    e.g. the int8 step model), listed in ``files`` with its sha256, precision and ``info``.
+
+    Atomic like a save: the bundle is copied into a temp dir beside it, the file and the new
+    metadata (its checksum recomputed, checked as the loader checks it) are written there, and
+    the copy is swapped in. A crash leaves the bundle as it was. Needs no TensorFlow.
+    """
+    path = Path(path)
+    if name not in FILE_PRECISION or name in MODEL_FILES:
+        extra = sorted(set(FILE_PRECISION) - set(MODEL_FILES))
+        raise ConfigError(f'name must be one of {extra}, got {name!r}')
+    current = load_bundle(path)  # never extend a bundle that would not load
+    tmp = leftover_name(path, 'tmp')
+    try:
+        shutil.copytree(path, tmp)
+        checkpoint('copied')
+        shutil.copyfile(source, tmp / name)
+        metadata = dict(current.metadata)
+        metadata['files'] = {**metadata['files'], name: file_entry(tmp / name, **info)}
+        metadata[CHECKSUM_FIELD] = metadata_digest(metadata)
+        check_metadata(tmp / METADATA_FILE, metadata)
+        write_json(tmp / METADATA_FILE, metadata)
+        fsync_tree(tmp)
+        checkpoint('metadata')
+        swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # this process is not saving this bundle now: a leftover of ours is stale
@@ -286,7 +354,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, recover: bool = True) 
             f'{meta_path}: field {CHECKSUM_FIELD}: does not match the content (edited or '
             'corrupted after it was saved)'
         )
-    for name in MODEL_FILES:
+    for name in metadata['files']:  # check_metadata: the model files, and the int8 one if any
         file = path / name
         expected = metadata['files'][name]
         if not file.is_file():
@@ -401,17 +469,52 @@ def check_metadata(meta_path: Path, metadata: Any) -> PolicyConfig:
     # Bundles written before window policies have no 'kind': theirs is the LSTM's.
     if metadata.get('kind', 'lstm') != config.kind:
         raise bad('kind', f'{metadata["kind"]!r} differs from config.window {config.window}')
-    for name in MODEL_FILES:
+    unknown = sorted(set(metadata['files']) - set(FILE_PRECISION))
+    if unknown:
+        raise bad('files', f'lists {unknown}; a bundle holds only {sorted(FILE_PRECISION)}')
+    for name in (*MODEL_FILES, *(n for n in metadata['files'] if n not in MODEL_FILES)):
         entry = metadata['files'].get(name)
         if not isinstance(entry, dict):
             raise bad(f'files.{name}', f'missing or not an object: {entry!r}')
+        _check_precision(name, entry, bad)
         if not (isinstance(entry.get('sha256'), str) and len(entry['sha256']) == 64):
             raise bad(f'files.{name}.sha256', f'must be a hex sha256, got {entry.get("sha256")!r}')
         size = entry.get('bytes')
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise bad(f'files.{name}.bytes', f'must be an integer > 0, got {size!r}')
+    _check_quantized_from(metadata['files'], bad)
     _check_tflite_io(metadata['tflite_io'], config, bad)
     return config
+
+
+def _check_precision(name: str, entry: dict[str, Any], bad: Any) -> None:
+    """A file's stated precision is the one its role has: an int8 file listed as the fp32 step
+    model (or the reverse) would run the robot on the wrong model under the right name."""
+    precision = entry.get('precision', 'fp32' if name in MODEL_FILES else None)
+    if precision != FILE_PRECISION[name]:
+        want = FILE_PRECISION[name]
+        raise bad(f'files.{name}.precision', f'must be {want!r}, got {precision!r}')
+    if name == INT8_FILE and entry.get('quantization') not in QUANTIZATIONS:
+        raise bad(
+            f'files.{name}.quantization',
+            f'must be one of {", ".join(QUANTIZATIONS)}, got {entry.get("quantization")!r}',
+        )
+
+
+def _check_quantized_from(files: dict[str, Any], bad: Any) -> None:
+    """The int8 step model names the ``model.keras`` it was quantized from: an int8 file of
+    another model with the same shapes (copied in, the metadata resealed) is refused, not run
+    as this bundle's."""
+    entry = files.get(INT8_FILE)
+    if entry is None:
+        return
+    source = files[KERAS_FILE]['sha256']
+    if entry.get('quantized_from') != source:
+        raise bad(
+            f'files.{INT8_FILE}.quantized_from',
+            f"{entry.get('quantized_from')!r} is not this bundle's {KERAS_FILE} ({source}): "
+            f'made from another model; export again',
+        )
 
 
 def _check_tflite_io(io: dict[str, Any], config: PolicyConfig, bad: Any) -> None:

@@ -8,7 +8,8 @@ differently from training), runs the step model on the frame and the held state 
 keeps the new state and picks an action. ``reset()`` zeroes the state (a new drive).
 
 Backends (``litert`` for the robot, ``keras`` for checks) are imported only when chosen: the
-LiteRT path must not import TensorFlow (DESIGN §2).
+LiteRT path must not import TensorFlow (DESIGN §2). ``precision`` picks the bundle's LiteRT step
+model: ``fp32`` (every bundle) or ``int8`` (added by ``malpi-ros export BUNDLE --int8``).
 
 Threads: ``step`` calls are serialized (a runtime is one set of tensors). ``reset`` may come
 from another thread at any time (a ROS service) and never waits for a model call. The state is
@@ -25,15 +26,18 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from malpi_ros.config import PolicyConfig
-from malpi_ros.errors import ConfigError
+from malpi_ros.errors import BundleError, ConfigError
 from malpi_ros.runtime import image
 from malpi_ros.runtime.actions import ActionSelector
-from malpi_ros.runtime.bundle import Bundle, load_bundle
+from malpi_ros.runtime.bundle import Bundle, check_precision, load_bundle
+
+if TYPE_CHECKING:
+    from malpi_ros.runtime.litert import LiteRTStep
 
 BACKENDS = ('litert', 'keras')
 
@@ -91,6 +95,7 @@ class Policy:
         dt: float,
         selector: ActionSelector | None = None,
         bundle: Bundle | None = None,
+        precision: str = 'fp32',
     ) -> None:
         if runtime.units != config.model.lstm_units:
             raise ConfigError(
@@ -98,6 +103,7 @@ class Policy:
             )
         self._runtime = runtime
         self._config = config
+        self.precision = precision  # which of the bundle's step models the runtime runs
         self._dt = float(dt)
         # A new selector per policy: a shared default instance would share its random state.
         self._selector = selector if selector is not None else ActionSelector('argmax')
@@ -119,24 +125,38 @@ class Policy:
         backend: str = 'litert',
         num_threads: int = 0,
         selector: ActionSelector | None = None,
+        precision: str = 'fp32',
     ) -> Policy:
         """Load a bundle (checked, see ``load_bundle``) and run it on ``backend``.
 
         ``num_threads``: LiteRT interpreter threads; 0 derives them from the cores
-        (``runtime_litert.auto_threads``)."""
+        (``runtime_litert.auto_threads``). ``precision``: ``fp32`` or ``int8`` (LiteRT only; a
+        bundle without an int8 step model is refused, naming the file and the export command).
+        """
         if backend not in BACKENDS:
             raise ConfigError(f'backend must be one of {", ".join(BACKENDS)}, got {backend!r}')
+        if check_precision(precision) != 'fp32' and backend != 'litert':
+            raise ConfigError(f'precision {precision} runs on the litert backend, not {backend}')
         bundle = load_bundle(path)
         runtime: StepRuntime
         if backend == 'litert':
             from malpi_ros.runtime.litert import LiteRTStep
 
-            runtime = LiteRTStep(bundle.tflite_path, num_threads=num_threads)
+            step_path = bundle.step_path(precision)
+            runtime = LiteRTStep(step_path, num_threads=num_threads)
+            _check_runtime(runtime, bundle.config, step_path)
         else:
             from malpi_ros.learn.keras_step import KerasStep  # TensorFlow: only when asked for
 
             runtime = KerasStep.from_file(bundle.keras_path, bundle.config.model)
-        return cls(runtime, bundle.config, dt=bundle.dt, selector=selector, bundle=bundle)
+        return cls(
+            runtime,
+            bundle.config,
+            dt=bundle.dt,
+            selector=selector,
+            bundle=bundle,
+            precision=precision,
+        )
 
     @property
     def config(self) -> PolicyConfig:
@@ -245,3 +265,15 @@ class Policy:
     def step_many(self, frames: Iterable[np.ndarray]) -> list[StepResult]:
         """Step through frames in order (state carried), e.g. an episode read from a bag."""
         return [self.step(frame) for frame in frames]
+
+
+def _check_runtime(runtime: LiteRTStep, config: PolicyConfig, path: Path) -> None:
+    """A step model whose shapes are not the bundle config's (a file from another bundle with
+    its checksum edited in, say) stops start-up naming the file, before any frame is stepped."""
+    m = config.model
+    found = (tuple(runtime.frame_shape), runtime.units, runtime.num_actions)
+    want = (m.input_shape, m.lstm_units, m.num_actions)
+    if found != want:
+        raise BundleError(
+            f'{path}: step model has (frame, units, actions) {found}, the bundle config {want}'
+        )
