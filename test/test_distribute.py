@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from support import NODE_DIR, ros_env, stop, wait_for
+from support import NODE_DIR, free_ports, ros_env, stop, wait_for
 from test_train import drive_bags, run_train, tiny_config
 
 from malpi_ros.config import PreprocessConfig
@@ -164,16 +163,6 @@ def test_a_killed_run_resumes_from_its_backup_with_its_whole_history(
     assert meta['metrics']['epochs_run'] == 3  # the history of both runs, once each
     assert (out / 'history.csv').read_text().count('\n') == 4  # epoch 3 of the kill: dropped
     assert not backup.exists()  # removed once the bundle is written
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(('127.0.0.1', 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_two_workers_on_loopback_write_one_bundle_and_a_killed_worker_costs_an_epoch(tmp_path):

@@ -173,26 +173,36 @@ def make_dataset(
         for b in range(batches):
             yield order[b * batch_size : (b + 1) * batch_size]
 
-    def load(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return source.batch(rows)
+    dataset = _window_batches(source, orders, source.batch, None, parallel)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    return dataset.prefetch(2)
 
-    def load_tf(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        x, y, w = tf.numpy_function(load, [rows], (tf.float32, tf.int32, tf.float32))
-        x.set_shape((None, source.window, *source.frame_shape))
-        y.set_shape((None, source.window))
-        w.set_shape((None, source.window))
+
+def _window_batches(
+    source: WindowSource,
+    orders: Any,
+    load: Any,
+    rows: int | None,
+    parallel: int | None,
+) -> tf.data.Dataset:
+    """``load(r)`` (x, y, sample_weight) of every array of ``rows`` window rows that the
+    generator function ``orders`` yields, assembled in parallel, kept in order."""
+
+    def load_tf(batch_rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, w = tf.numpy_function(load, [batch_rows], (tf.float32, tf.int32, tf.float32))
+        x.set_shape((rows, source.window, *source.frame_shape))
+        y.set_shape((rows, source.window))
+        w.set_shape((rows, source.window))
         return x, y, w
 
-    rows = tf.data.Dataset.from_generator(
-        orders, output_signature=tf.TensorSpec((None,), tf.int64)
+    stream = tf.data.Dataset.from_generator(
+        orders, output_signature=tf.TensorSpec((rows,), tf.int64)
     )
-    dataset = rows.map(
+    return stream.map(
         load_tf,
         num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
         deterministic=True,
     )
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
-    return dataset.prefetch(2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -354,21 +364,4 @@ def replica_window_dataset(
         rows[: len(order)] = order
         yield from rows.reshape(-1, batch_size)
 
-    def load_tf(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        x, y, w = tf.numpy_function(
-            source.padded_batch, [rows], (tf.float32, tf.int32, tf.float32)
-        )
-        x.set_shape((batch_size, source.window, *source.frame_shape))
-        y.set_shape((batch_size, source.window))
-        w.set_shape((batch_size, source.window))
-        return x, y, w
-
-    rows = tf.data.Dataset.from_generator(
-        orders, output_signature=tf.TensorSpec((batch_size,), tf.int64)
-    )
-    dataset = rows.map(
-        load_tf,
-        num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
-        deterministic=True,
-    )
-    return dataset.prefetch(2)
+    return _window_batches(source, orders, source.padded_batch, batch_size, parallel).prefetch(2)
