@@ -111,7 +111,7 @@ def test_each_replica_steps_through_its_own_lanes_and_workers_run_the_same_steps
     ]
 
 
-def test_window_batches_are_shared_by_episode_and_padded_with_weight_zero():
+def test_window_batches_are_shared_by_episode_padded_with_weight_zero_and_validated_evenly():
     episodes = numbered_episodes([23, 11, 17])
     index = np.array([[e, s] for e, ep in enumerate(episodes) for s in range(len(ep) - 3)])
     source = WindowSource(episodes, index, 4, 1, PRE, np.ones(5, np.float32))
@@ -128,6 +128,17 @@ def test_window_batches_are_shared_by_episode_and_padded_with_weight_zero():
     assert counts[0] == counts[1] == -(-max(len(s) for s in sources) // 3)
     assert sorted((e, f) for _, e, f in starts) == sorted(map(tuple, index.tolist()))
     assert len({e for w, e, _ in starts if w == 0} & {e for w, e, _ in starts if w == 1}) == 0
+    # Validation: window by window, as many to each of 2 workers x 2 replicas (the odd one
+    # left out), so no batch carries a padding row to dilute val_loss.
+    val = worker_sources(source, Placement(workers=2, replicas=2), 8, training=False)
+    assert [len(v) for v in val] == [(len(source) // 4) * 2] * 2
+    seen = []
+    for worker in range(2):
+        for x, _, w in replica_window_dataset(val, worker, 2, 2, shuffle=False):
+            assert (np.asarray(w)[:, 1] > 0).all()  # every row real
+            ep, frame = who(x)
+            seen += list(zip(ep[:, 0], frame[:, 0], strict=True))
+    assert len(seen) == len(set(seen)) == (len(source) // 4) * 4
 
 
 def test_a_killed_run_resumes_from_its_backup_with_its_whole_history(

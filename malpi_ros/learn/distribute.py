@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from malpi_ros.errors import ConfigError
@@ -183,10 +184,17 @@ def shares(source: ChunkSource | WindowSource, workers: int) -> list[list[int]]:
 
 
 def worker_sources(
-    source: ChunkSource | WindowSource, where: Placement, batch_size: int
+    source: ChunkSource | WindowSource, where: Placement, batch_size: int, training: bool = True
 ) -> list[ChunkSource] | list[WindowSource]:
     """``source`` cut into every worker's share (all workers' shares: each worker pads its
-    epoch to the longest). Carried lanes: each worker gets its replicas' part of the batch."""
+    epoch to the longest). Carried lanes: each worker gets its replicas' part of the batch.
+    Validation windows (``zero``, not ``training``) are dealt window by window, as many to
+    every replica (the last fewer than the replicas left out): no padding row then dilutes the
+    mean that ``val_loss`` is, and it means what one process's means."""
+    if isinstance(source, WindowSource) and not training:
+        total = where.total_replicas
+        keep = len(source) - len(source) % total if len(source) >= total else len(source)
+        return [source.take(np.arange(keep)[w :: where.workers]) for w in range(where.workers)]
     parts = shares(source, where.workers)
     if isinstance(source, ChunkSource):
         lanes = batch_size // where.workers
@@ -215,7 +223,7 @@ def distributed_dataset(
     seed: int,
 ) -> Any:
     """This worker's share of ``source`` as the strategy's per-replica batches."""
-    sources = worker_sources(source, where, batch_size)
+    sources = worker_sources(source, where, batch_size, training=shuffle)
     per_replica = batch_size // where.total_replicas
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:

@@ -25,6 +25,7 @@ waits for the input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -126,9 +127,13 @@ class WindowSource:
         index[:, 0] = position[index[:, 0]]
         return replace(self, episodes=[self.episodes[i] for i in episodes], index=index)
 
+    def take(self, rows: np.ndarray) -> WindowSource:
+        """The windows at positions ``rows`` of the index only."""
+        return replace(self, index=self.index[rows])
+
     def padded_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``batch`` where rows of -1 are padding: zero frames and labels with weight 0, so
-        every worker runs batches of one size (and one count) whatever windows it holds."""
+        every worker runs as many steps as the others whatever windows it holds."""
         rows = np.asarray(rows, np.int64)
         real = rows >= 0
         if not real.any():
@@ -349,19 +354,22 @@ def replica_window_dataset(
     seed: int = 0,
     parallel: int | None = None,
 ) -> tf.data.Dataset:
-    """Worker ``worker``'s window batches of ``batch_size`` (one replica's) when ``sources[w]``
-    holds worker ``w``'s windows: every epoch the same number of batches on every worker (the
-    most any worker needs; the rest padding of weight 0), its own windows shuffled by a
-    generator seeded with ``seed`` and the worker."""
+    """Worker ``worker``'s window batches, one element for each of its ``replicas`` in turn,
+    when ``sources[w]`` holds worker ``w``'s windows: its own windows (shuffled by a generator
+    seeded with ``seed`` and the worker) dealt to its replicas, in batches of up to
+    ``batch_size`` (one replica's share of the global batch). Every epoch every worker runs the
+    same number of steps, the most any replica needs: a replica out of windows gets one row of
+    padding (weight 0; a batch of none would not pass the LSTM). Replicas holding equally many
+    windows need no padding at all (validation is cut that way, ``distribute``)."""
     source = sources[worker]
-    per_step = batch_size * replicas
-    steps = max(-(-len(s) // per_step) for s in sources)
+    steps = max(math.ceil(math.ceil(len(s) / replicas) / batch_size) for s in sources)
     rng = np.random.default_rng([seed, worker])
 
     def orders() -> Any:
         order = rng.permutation(len(source)) if shuffle else np.arange(len(source))
-        rows = np.full(steps * per_step, -1, np.int64)
-        rows[: len(order)] = order
-        yield from rows.reshape(-1, batch_size)
+        for step in range(steps):
+            for replica in range(replicas):
+                rows = order[replica::replicas][step * batch_size : (step + 1) * batch_size]
+                yield rows if len(rows) else np.full(1, -1, np.int64)
 
-    return _window_batches(source, orders, source.padded_batch, batch_size, parallel).prefetch(2)
+    return _window_batches(source, orders, source.padded_batch, None, parallel).prefetch(2)
