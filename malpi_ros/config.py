@@ -20,6 +20,8 @@ T = TypeVar('T')
 NORMALIZATIONS = ('unit', 'standardize')
 ACTIVATIONS = ('relu', 'tanh', 'elu', 'linear', 'sigmoid')
 TRAINING_STATES = ('carried', 'zero')
+# How fit spreads over devices and machines (README "Training on several machines").
+DISTRIBUTE_MODES = ('none', 'mirrored', 'multi-worker')
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,12 @@ class TrainConfig:
     class_weighting: bool = True
     # Rare actions weigh more, but at most this many times the commonest.
     class_weight_cap: float = 10.0
+    # none: one process, its default device; mirrored: tf.distribute.MirroredStrategy over
+    # this machine's GPUs; multi-worker: MultiWorkerMirroredStrategy over the machines named
+    # in TF_CONFIG. batch_size stays the global batch (summed over replicas) in every mode.
+    distribute: str = 'none'
+    # XLA-compile the training step where a GPU is present; off on a CPU (train says so).
+    xla: bool = False
 
     def __post_init__(self) -> None:
         int_at_least('epochs', self.epochs, 1)
@@ -273,6 +281,8 @@ class TrainConfig:
             raise ConfigError(f'val_fraction must be in [0, 1), got {self.val_fraction!r}')
         int_at_least('seed', self.seed, 0)
         int_at_least('patience', self.patience, 1)
+        one_of('distribute', self.distribute, DISTRIBUTE_MODES)
+        flag('xla', self.xla)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ def build_configs(
         'patience',
         'min_epochs',
         'class_weighting',
+        'distribute',
+        'xla',
     ):
         if overrides.get(key) is not None:
             train[key] = overrides[key]

@@ -83,6 +83,11 @@ SLOW = {
         'test_command_line_flags_override_the_config_file',
         'test_no_validation_split_trains_and_scores_on_training_windows',
     },
+    'test_distribute.py': {
+        'test_a_killed_run_resumes_from_its_backup_with_its_whole_history',
+        'test_two_workers_on_loopback_write_one_bundle_and_a_killed_worker_costs_an_epoch',
+        'test_mirrored_over_two_replicas_trains_both_recipes',
+    },
     'test_window_policy.py': {
         'test_train_window_trains_on_k_frame_windows_and_evaluates_with_parity'
     },

@@ -10,6 +10,12 @@ Topics are found by type (Image/CompressedImage, Twist/TwistStamped) unless name
 resized uint8 frames are cached in --cache-dir (default: BUNDLE.cache beside the bundle) so a
 second run skips decoding and a recording larger than RAM trains.
 
+Every finished epoch is backed up in --backup-dir (default BUNDLE.backup): a killed run started
+again with the same command resumes from its last finished epoch; the backup is removed once
+the bundle is written. --distribute mirrored trains on every GPU of this machine,
+--distribute multi-worker on the machines that TF_CONFIG names (one process each, the same
+command; README "Training on several machines"); the batch is the global batch either way.
+
 --config FILE.yaml holds the sections model, preprocess, actions, dataset and train (the
 fields of malpi_ros.config; see config/train_example.yaml); flags given on the command line
 override it. Sizes given in only one of model/preprocess apply to both.
@@ -48,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument('--no-logdir', action='store_true', help='write no TensorBoard logs')
     parser.add_argument('--no-cache', action='store_true', help='keep frames in memory only')
+    parser.add_argument(
+        '--backup-dir',
+        type=Path,
+        help='back up every finished epoch here; a killed run started again with the same '
+        'command resumes from it (default: BUNDLE.backup beside the bundle, removed once the '
+        'bundle is written)',
+    )
+    parser.add_argument('--no-backup', action='store_true', help='no backup, no resuming')
     group = parser.add_argument_group('overrides of the config file')
     group.add_argument('--epochs', type=int)
     group.add_argument('--batch-size', type=int)
@@ -79,6 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train a window policy instead (the peers' way): every step re-runs the last K "
         'frames from a zero state; trained on windows of K frames scored on the last',
     )
+    group.add_argument(
+        '--distribute',
+        choices=('none', 'mirrored', 'multi-worker'),
+        help='none: one process (default); mirrored: every GPU of this machine; multi-worker: '
+        'the machines TF_CONFIG names (README "Training on several machines")',
+    )
+    group.add_argument(
+        '--xla',
+        action='store_true',
+        default=None,
+        help='XLA-compile the training step (on a GPU; ignored on a CPU)',
+    )
     group.add_argument('--height', type=int, help='model input height')
     group.add_argument('--width', type=int, help='model input width')
     parser.add_argument(
@@ -98,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         cache_dir = args.out.with_name(args.out.name + '.cache')
     logdir = None if args.no_logdir else args.logdir or args.out.with_name(args.out.name + '.logs')
+    backup_dir = (
+        None
+        if args.no_backup
+        else args.backup_dir or args.out.with_name(args.out.name + '.backup')
+    )
     result = train(
         args.bags,
         args.out,
@@ -107,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
         image_topic=args.image_topic,
         cmd_topic=args.cmd_topic,
         cache_dir=cache_dir,
+        backup_dir=backup_dir,
         verbose=args.verbose,
         callbacks=[tensorboard_logs(logdir)] if logdir is not None else [],
     )
-    print(f'bundle written: {result.bundle}')
+    if result.bundle is not None:  # None: a worker that is not the chief
+        print(f'bundle written: {result.bundle}')
     return 0

@@ -9,9 +9,11 @@ chunk boundaries.
 
 ``CarriedStateTrainer`` wraps ``model.build_carried_model`` (the sequence model's own layers)
 and keeps the state of each lane in non-trainable variables, one set for training and one for
-validation; a batch's ``reset`` flags zero a lane before it runs. Keras' ``fit``, callbacks and
-history work unchanged: the logs are ``loss`` and ``accuracy`` (weighted: burn-in steps and
-padding do not count), ``val_`` ones for validation.
+validation; a batch's ``reset`` flags zero a lane before it runs. Under a ``tf.distribute``
+strategy (``learn.distribute``) the variables are replica-local (``on_read``): each replica
+holds the state of its own lanes, which its input always brings back to it. Keras' ``fit``,
+callbacks and history work unchanged: the logs are ``loss`` and ``accuracy`` (weighted:
+burn-in steps and padding do not count), ``val_`` ones for validation.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import tensorflow as tf
 
 from malpi_ros.config import ModelConfig, PreprocessConfig
 from malpi_ros.learn.dataset import Episode
+from malpi_ros.learn.distribute import ReplicaFit, replica_logs
 from malpi_ros.learn.model import SEQUENCE_INPUT, build_carried_model
 from malpi_ros.runtime.image import normalize
 
 
-class CarriedStateTrainer(keras.Model):
-    """Fits ``sequence_model`` on ``((x, reset), y, sample_weight)`` batches of ``lanes`` rows,
-    the LSTM state carried from each batch to the next (see the module docstring)."""
+class CarriedStateTrainer(ReplicaFit, keras.Model):
+    """Fits ``sequence_model`` on ``((x, reset), y, sample_weight)`` batches of ``lanes`` rows
+    (a replica's lanes under a strategy), the LSTM state carried from each batch to the next
+    (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, sequence_model: keras.Model, lanes: int) -> None:
         super().__init__(name='carried_state_trainer')
@@ -39,12 +43,18 @@ class CarriedStateTrainer(keras.Model):
         self.lanes = lanes
         shape = (lanes, cfg.lstm_units)
         self.state = {
-            (phase, part): self.add_weight(
-                shape=shape, initializer='zeros', trainable=False, name=f'{phase}_{part}'
+            (phase, part): keras.Variable(
+                np.zeros(shape, np.float32),
+                trainable=False,
+                # Each replica its own lanes' state; saved and read as the first replica's.
+                synchronization='on_read',
+                aggregation='only_first_replica',
+                name=f'{phase}_{part}',
             )
             for phase in ('train', 'val')
             for part in ('h', 'c')
         }
+        self.built = True  # every weight exists now (save and restore need it)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         self.loss_tracker = keras.metrics.Mean(name='loss')
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name='accuracy')
@@ -68,13 +78,15 @@ class CarriedStateTrainer(keras.Model):
         self.state[phase, 'c'].assign(tf.stop_gradient(out['c_next']))
         self.loss_tracker.update_state(loss)
         self.accuracy.update_state(y, out['probs'], sample_weight=weight)
-        return {m.name: m.result() for m in self.metrics}
+        return replica_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data: Any) -> dict[str, Any]:
         with tf.GradientTape() as tape:
             out, loss, y, weight = self._run(data, 'train', training=True)
+            # The optimizer sums the replicas' gradients: each brings its share of the mean.
+            share = loss / tf.distribute.get_replica_context().num_replicas_in_sync
         variables = self.net.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self.optimizer.apply(tape.gradient(share, variables), variables)
         return self._finish('train', out, loss, y, weight)
 
     def test_step(self, data: Any) -> dict[str, Any]:

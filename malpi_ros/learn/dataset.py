@@ -333,6 +333,22 @@ def split_by_episode(episodes: Sequence[Episode], val_fraction: float, seed: int
     return Split(train, val, note)
 
 
+def share_by_episode(lengths: Sequence[int], workers: int) -> list[list[int]]:
+    """The episodes (indices into ``lengths``) each of ``workers`` trains on: whole episodes,
+    each to one worker only, about the same number of frames each (the longest first, each to
+    the worker with the fewest frames so far; ties to the lower worker). The same lengths give
+    the same shares on every worker, so no window is seen by two workers in an epoch."""
+    if workers < 1:
+        raise DatasetError(f'workers must be >= 1, got {workers}')
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    frames = [0] * workers
+    for episode in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        worker = min(range(workers), key=lambda w: (frames[w], w))
+        shares[worker].append(episode)
+        frames[worker] += lengths[episode]
+    return [sorted(share) for share in shares]
+
+
 # -- reading recordings ----------------------------------------------------------------------
 
 

@@ -25,8 +25,9 @@ waits for the input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,31 @@ class WindowSource:
         weight[:, : self.burn_in] = 0.0
         return x, y, weight
 
+    def subset(self, episodes: Sequence[int]) -> WindowSource:
+        """The windows of ``episodes`` (indices into ``self.episodes``) only: one worker's."""
+        position = np.full(len(self.episodes), -1, np.int64)
+        position[list(episodes)] = np.arange(len(episodes))
+        index = self.index[position[self.index[:, 0]] >= 0].copy()
+        index[:, 0] = position[index[:, 0]]
+        return replace(self, episodes=[self.episodes[i] for i in episodes], index=index)
+
+    def take(self, rows: np.ndarray) -> WindowSource:
+        """The windows at positions ``rows`` of the index only."""
+        return replace(self, index=self.index[rows])
+
+    def padded_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``batch`` where rows of -1 are padding: zero frames and labels with weight 0, so
+        every worker runs as many steps as the others whatever windows it holds."""
+        rows = np.asarray(rows, np.int64)
+        real = rows >= 0
+        if not real.any():
+            shape = (len(rows), self.window)
+            x = np.zeros((*shape, *self.frame_shape), np.float32)
+            return x, np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+        x, y, weight = self.batch(np.where(real, rows, rows[real][0]))
+        x[~real], y[~real], weight[~real] = 0.0, 0, 0.0
+        return x, y, weight
+
     def loss_labels(self) -> np.ndarray:
         """Every label that carries loss (burn-in steps left out), for class weights."""
         if len(self) == 0:
@@ -152,26 +178,36 @@ def make_dataset(
         for b in range(batches):
             yield order[b * batch_size : (b + 1) * batch_size]
 
-    def load(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return source.batch(rows)
+    dataset = _window_batches(source, orders, source.batch, None, parallel)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    return dataset.prefetch(2)
 
-    def load_tf(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        x, y, w = tf.numpy_function(load, [rows], (tf.float32, tf.int32, tf.float32))
-        x.set_shape((None, source.window, *source.frame_shape))
-        y.set_shape((None, source.window))
-        w.set_shape((None, source.window))
+
+def _window_batches(
+    source: WindowSource,
+    orders: Any,
+    load: Any,
+    rows: int | None,
+    parallel: int | None,
+) -> tf.data.Dataset:
+    """``load(r)`` (x, y, sample_weight) of every array of ``rows`` window rows that the
+    generator function ``orders`` yields, assembled in parallel, kept in order."""
+
+    def load_tf(batch_rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, w = tf.numpy_function(load, [batch_rows], (tf.float32, tf.int32, tf.float32))
+        x.set_shape((rows, source.window, *source.frame_shape))
+        y.set_shape((rows, source.window))
+        w.set_shape((rows, source.window))
         return x, y, w
 
-    rows = tf.data.Dataset.from_generator(
-        orders, output_signature=tf.TensorSpec((None,), tf.int64)
+    stream = tf.data.Dataset.from_generator(
+        orders, output_signature=tf.TensorSpec((rows,), tf.int64)
     )
-    dataset = rows.map(
+    return stream.map(
         load_tf,
         num_parallel_calls=tf.data.AUTOTUNE if parallel is None else parallel,
         deterministic=True,
     )
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
-    return dataset.prefetch(2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,10 +245,11 @@ class ChunkSource:
 
     def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(x float32, reset float32, y int32, sample_weight float32) of one plan batch
-        ``rows`` (lanes, 4); padding frames are zero with weight 0."""
-        frames = np.zeros((self.lanes, self.chunk, *self.frame_shape), np.uint8)
-        y = np.zeros((self.lanes, self.chunk), np.int32)
-        weight = np.zeros((self.lanes, self.chunk), np.float32)
+        ``rows`` (lanes, 4), or of a replica's group of its lanes; padding frames are zero with
+        weight 0."""
+        frames = np.zeros((len(rows), self.chunk, *self.frame_shape), np.uint8)
+        y = np.zeros((len(rows), self.chunk), np.int32)
+        weight = np.zeros((len(rows), self.chunk), np.float32)
         steps = np.arange(self.chunk)
         for lane, row in enumerate(rows):
             n = int(row[PLAN_LENGTH])
@@ -249,23 +286,55 @@ def make_chunk_dataset(
     (epoch) draws a new plan from one generator seeded with ``seed``."""
     if not source.episodes:
         raise DatasetError('no episodes to make chunks of')
+    return replica_chunk_dataset([source], 0, 1, shuffle=shuffle, seed=seed, parallel=parallel)
+
+
+def replica_chunk_dataset(
+    sources: Sequence[ChunkSource],
+    worker: int,
+    replicas: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    parallel: int | None = None,
+) -> tf.data.Dataset:
+    """Worker ``worker``'s chunk batches when ``sources[w]`` holds worker ``w``'s episodes,
+    one element for each of its ``replicas`` local replicas in turn.
+
+    Every epoch the plans of all workers are drawn from one generator seeded with ``seed``
+    (so every worker knows every plan) and padded to the longest: collective training needs
+    every worker in every step. A worker's lanes are cut into ``replicas`` groups, yielded in
+    turn, because tf.distribute hands a worker's consecutive elements to its replicas in
+    turn: replica ``r`` always steps through the same lanes, and its state stays theirs.
+    One source, one replica: the plain ``make_chunk_dataset``.
+    """
+    source = sources[worker]
+    if source.lanes % replicas:
+        raise DatasetError(f'{source.lanes} lanes do not divide among {replicas} replicas')
+    lanes = source.lanes // replicas
     rng = np.random.default_rng(seed)
 
     def rows() -> Any:
-        yield from source.plan(rng if shuffle else None)
+        plans = [s.plan(rng if shuffle else None) for s in sources]
+        plan = plans[worker]
+        steps = max(len(p) for p in plans)
+        padded = np.zeros((steps, source.lanes, 4), np.int64)
+        padded[: len(plan)] = plan
+        for batch in padded:
+            yield from (batch[r * lanes : (r + 1) * lanes] for r in range(replicas))
 
     def load_tf(plan_rows: tf.Tensor) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.Tensor, tf.Tensor]:
         x, reset, y, w = tf.numpy_function(
             source.batch, [plan_rows], (tf.float32, tf.float32, tf.int32, tf.float32)
         )
-        x.set_shape((source.lanes, source.chunk, *source.frame_shape))
-        reset.set_shape((source.lanes,))
-        y.set_shape((source.lanes, source.chunk))
-        w.set_shape((source.lanes, source.chunk))
+        x.set_shape((lanes, source.chunk, *source.frame_shape))
+        reset.set_shape((lanes,))
+        y.set_shape((lanes, source.chunk))
+        w.set_shape((lanes, source.chunk))
         return (x, reset), y, w
 
     plans = tf.data.Dataset.from_generator(
-        rows, output_signature=tf.TensorSpec((source.lanes, 4), tf.int64)
+        rows, output_signature=tf.TensorSpec((lanes, 4), tf.int64)
     )
     dataset = plans.map(
         load_tf,
@@ -273,3 +342,34 @@ def make_chunk_dataset(
         deterministic=True,  # the state flows from each batch to the next: order matters
     )
     return dataset.prefetch(2)
+
+
+def replica_window_dataset(
+    sources: Sequence[WindowSource],
+    worker: int,
+    replicas: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    parallel: int | None = None,
+) -> tf.data.Dataset:
+    """Worker ``worker``'s window batches, one element for each of its ``replicas`` in turn,
+    when ``sources[w]`` holds worker ``w``'s windows: its own windows (shuffled by a generator
+    seeded with ``seed`` and the worker) dealt to its replicas, in batches of up to
+    ``batch_size`` (one replica's share of the global batch). Every epoch every worker runs the
+    same number of steps, the most any replica needs: a replica out of windows gets one row of
+    padding (weight 0; a batch of none would not pass the LSTM). Replicas holding equally many
+    windows need no padding at all (validation is cut that way, ``distribute``)."""
+    source = sources[worker]
+    steps = max(math.ceil(math.ceil(len(s) / replicas) / batch_size) for s in sources)
+    rng = np.random.default_rng([seed, worker])
+
+    def orders() -> Any:
+        order = rng.permutation(len(source)) if shuffle else np.arange(len(source))
+        for step in range(steps):
+            for replica in range(replicas):
+                rows = order[replica::replicas][step * batch_size : (step + 1) * batch_size]
+                yield rows if len(rows) else np.full(1, -1, np.int64)
+
+    return _window_batches(source, orders, source.padded_batch, None, parallel).prefetch(2)

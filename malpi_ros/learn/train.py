@@ -10,13 +10,20 @@ existing bundle there is replaced only then.
 
 Early stopping watches ``val_loss`` but never before ``min_epochs``: learning to remember starts
 with a long plateau (DESIGN §4) that must not look like convergence.
+
+``train.distribute`` spreads ``fit`` over devices or machines (``learn.distribute``): every
+worker trains, only the chief writes the bundle, the reports and the backup. With a backup
+directory (``learn.backup``) a killed run restarted with the same command resumes from its
+last finished epoch; the backup is removed once the bundle is written.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +39,8 @@ import numpy as np
 from malpi_ros import diskspace
 from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
 from malpi_ros.errors import ConfigError, DatasetError
-from malpi_ros.learn import plots
+from malpi_ros.learn import distribute, plots
+from malpi_ros.learn.backup import TrainingBackup, fingerprint
 from malpi_ros.learn.dataset import (
     Episode,
     Recordings,
@@ -80,7 +88,7 @@ class Prepared:
 class TrainResult:
     """What a run produced: the bundle and what is in its summary."""
 
-    bundle: Path
+    bundle: Path | None  # None on a worker that is not the chief
     history: dict[str, list[float]]
     metrics: dict[str, Any]
     summary: str
@@ -163,10 +171,15 @@ class TimeLeft(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.started = time.perf_counter()
+        self.first: int | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.first is None:
+            self.first = epoch  # a resumed run starts past epoch 0
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         done = epoch + 1
-        per_epoch = (time.perf_counter() - self.started) / done
+        per_epoch = (time.perf_counter() - self.started) / (done - (self.first or 0))
         left = per_epoch * (self.epochs - done)
         self.log(
             f'epoch {done}/{self.epochs}: {per_epoch:.0f} s an epoch, '
@@ -214,13 +227,16 @@ class BestWeights(keras.callbacks.Callback):
             self.model.set_weights(self.weights)
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+def compile_model(
+    model: keras.Model, learning_rate: float, jit_compile: bool | str = 'auto'
+) -> keras.Model:
     """Adam with gradient clipping (an LSTM's gradients spike when it starts to remember);
     weighted accuracy, so burn-in steps (weight 0) do not count."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, clipnorm=CLIPNORM),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         weighted_metrics=['accuracy'],
+        jit_compile=jit_compile,
     )
     return model
 
@@ -264,19 +280,25 @@ def train(
     image_topic: str | None = None,
     cmd_topic: str | None = None,
     cache_dir: str | Path | None = None,
+    backup_dir: str | Path | None = None,
     verbose: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train on ``bags`` and write the bundle at ``out``; see the module docstring.
 
+    ``backup_dir``: where the chief backs up every finished epoch (None: no backup).
     ``verbose``: Keras' (1 progress bar, 2 a line per epoch, 0 silent); default 1 on a
     terminal, 2 otherwise. Raises BagError/DatasetError naming the bag and topic for bad input,
-    before anything is written.
+    before anything is written. A worker that is not the chief trains and returns a result
+    whose ``bundle`` is None: it writes nothing at ``out``.
     """
     policy = policy or PolicyConfig()
     dataset = window_dataset(policy, dataset or DatasetConfig(), log)
     train_cfg = train_cfg or TrainConfig()
+    # First: a multi-worker strategy must exist before TensorFlow runs anything here.
+    strategy = distribute.make_strategy(train_cfg.distribute)
+    where = distribute.placement(strategy)
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     out = Path(out)
@@ -285,18 +307,35 @@ def train(
     if any(out.resolve() == b.resolve() for b in bag_paths):
         raise ConfigError(f'--out {out} is one of the input bags; training never writes there')
     _check_out(out)
+    if not where.chief:
+        # Each worker its own frame cache; logs (TensorBoard) come from the chief alone.
+        cache_dir = Path(cache_dir) / f'worker-{where.worker}' if cache_dir is not None else None
+        callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.TensorBoard)]
     keras.utils.set_random_seed(train_cfg.seed)
-    model = build_sequence_model(policy.model)  # now: its size is part of the room needed
-    check_room(bag_paths, out, policy, model, image_topic, cmd_topic, cache_dir)
+    with distribute.scope(strategy):
+        model = build_sequence_model(policy.model)  # now: its size is part of the room needed
+    check_room(bag_paths, out, policy, model, image_topic, cmd_topic, cache_dir, backup_dir)
     prepared = _load(bag_paths, policy, dataset, train_cfg, image_topic, cmd_topic, cache_dir, log)
+    if strategy is not None:
+        log(distribute.check_split(prepared.train, where, train_cfg.batch_size))
     # A full disk while writing reports or the bundle: one line, and the old bundle untouched.
     full_disk = diskspace.full_disk_is_one_line(f'--out {out} (the previous bundle is kept)')
     with full_disk, tempfile.TemporaryDirectory(prefix='malpi_train_') as staging_dir:
         staging = Path(staging_dir)
+        backup = (
+            _backup(Path(backup_dir), where, policy, dataset, train_cfg, prepared, log)
+            if backup_dir is not None
+            else None
+        )
         fit_model, history, best, fit_seconds = _fit(
             model, prepared, policy, dataset, train_cfg, staging / HISTORY_FILE, verbose,
-            [TimeLeft(train_cfg.epochs, log), *callbacks],
+            [TimeLeft(train_cfg.epochs, log), *callbacks], strategy, where, backup, log,
         )  # fmt: skip
+        if not where.chief:
+            log(f'{where.describe()}: training done; the chief writes the bundle at {out}')
+            return TrainResult(
+                None, history, {}, '', np.zeros((0, 0), np.int64), time.perf_counter() - started
+            )
         scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
         true, pred = _score(fit_model, prepared, policy, train_cfg.batch_size)
         scores = classification_metrics(true, pred, policy.actions.names)
@@ -324,6 +363,8 @@ def train(
                 for name in (HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE)
             },
         )
+        if backup is not None:
+            backup.remove()  # the bundle holds the run now
     log(summary)
     return TrainResult(
         out, history, metrics, summary, scores.matrix, time.perf_counter() - started
@@ -377,21 +418,43 @@ def _fit(
     history_path: Path,
     verbose: int,
     callbacks: Sequence[keras.callbacks.Callback],
+    strategy: Any = None,
+    where: distribute.Placement = distribute.ONE_PROCESS,
+    backup: _Backup | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[keras.Model, dict[str, list[float]], BestWeights, float]:
     """Keras ``fit`` with the best epoch kept, early stopping after ``min_epochs`` and the
-    history in ``history_path``: (the model fit ran on, history, best, seconds)."""
-    fit_model, train_ds, val_ds = _fit_setup(model, prepared, policy, dataset, train_cfg)
+    history in ``history_path``: (the model fit ran on, history, best, seconds). With a
+    ``backup``, every finished epoch is backed up and a backed-up run resumes."""
+    with distribute.scope(strategy):
+        fit_model, train_ds, val_ds = _fit_setup(
+            model, prepared, policy, dataset, train_cfg, strategy, where, log
+        )
     monitor = 'val_loss' if val_ds is not None else 'loss'
     best = BestWeights(monitor)
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=monitor,
+        patience=train_cfg.patience,
+        start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
+    )
+    resuming: list[keras.callbacks.Callback] = []
+    csv_path = history_path
+    if backup is not None:
+        saver = TrainingBackup(
+            backup.dir, writer=backup.writer, settings=backup.settings, best=best,
+            stopper=stopper, log=log,
+        )  # fmt: skip
+        if where.chief:
+            saver.keep_history()
+            csv_path = saver.history_path  # appended to across restarts
+            csv_path.parent.mkdir(parents=True, exist_ok=True)
+        resuming.append(saver)  # last: it saves what the others did with the epoch
     fit_callbacks = [
         best,
-        keras.callbacks.EarlyStopping(
-            monitor=monitor,
-            patience=train_cfg.patience,
-            start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
-        ),
-        keras.callbacks.CSVLogger(str(history_path)),
+        stopper,
+        keras.callbacks.CSVLogger(str(csv_path), append=csv_path != history_path),
         *callbacks,
+        *resuming,
     ]
     fit_started = time.perf_counter()
     with warnings.catch_warnings():
@@ -406,7 +469,45 @@ def _fit(
             verbose=verbose,
             shuffle=False,  # the dataset shuffles itself, seeded
         )
+    if csv_path != history_path:
+        shutil.copyfile(csv_path, history_path)
     return fit_model, _read_history(history_path), best, time.perf_counter() - fit_started
+
+
+@dataclass(frozen=True)
+class _Backup:
+    """Where a run backs up its epochs, and the settings that backup is valid for."""
+
+    dir: Path
+    settings: str
+    writer: bool  # the chief
+
+    def remove(self) -> None:
+        if self.writer:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _backup(
+    backup_dir: Path,
+    where: distribute.Placement,
+    policy: PolicyConfig,
+    dataset: DatasetConfig,
+    train_cfg: TrainConfig,
+    prepared: Prepared,
+    log: Callable[[str], None],
+) -> _Backup:
+    """The run's backup: valid for the same model, data and recipe (the epoch count may grow
+    between restarts; the recordings are named by their hashes)."""
+    settings = {
+        'policy': to_dict(policy),
+        'dataset': to_dict(dataset),
+        'train': {**to_dict(train_cfg), 'epochs': None},
+        'bags': [r.sha256 for r in prepared.recordings.reports],
+        'replicas': where.total_replicas,
+    }
+    if where.chief:
+        log(f'backup of every finished epoch: {backup_dir} (removed once the bundle is written)')
+    return _Backup(backup_dir, fingerprint(settings), where.chief)
 
 
 def _metrics(
@@ -496,25 +597,43 @@ def _fit_setup(
     policy: PolicyConfig,
     dataset: DatasetConfig,
     train_cfg: TrainConfig,
+    strategy: Any = None,
+    where: distribute.Placement = distribute.ONE_PROCESS,
+    log: Callable[[str], None] = print,
 ) -> tuple[keras.Model, Any, Any]:
     """(the model ``fit`` runs on, training batches, validation batches or None): the
-    sequence model itself on windows (``zero``), or a ``CarriedStateTrainer`` around it on
-    chunk lanes (``carried``); either way training updates ``model``'s weights."""
+    sequence model itself on windows (``zero``; a ``WindowTrainer`` around it under a
+    strategy), or a ``CarriedStateTrainer`` around it on chunk lanes (``carried``); either way
+    training updates ``model``'s weights. Under a strategy each worker's batches are its own
+    share of the episodes, each replica's part of the global batch."""
+    xla = train_cfg.xla and distribute.gpu_present()
+    if train_cfg.xla and not xla:
+        log('xla: no GPU here, training without XLA (it pays off on a GPU only)')
     if dataset.state == 'carried':
         from malpi_ros.learn.carried_state import CarriedStateTrainer
 
-        fit_model: keras.Model = CarriedStateTrainer(policy.model, model, train_cfg.batch_size)
+        lanes = train_cfg.batch_size // where.total_replicas
+        fit_model: keras.Model = CarriedStateTrainer(policy.model, model, lanes)
         fit_model.compile(
-            optimizer=keras.optimizers.Adam(train_cfg.learning_rate, clipnorm=CLIPNORM)
+            optimizer=keras.optimizers.Adam(train_cfg.learning_rate, clipnorm=CLIPNORM),
+            jit_compile=xla,
         )
         make: Callable[..., Any] = make_chunk_dataset
         args: dict[str, Any] = {}
     else:
-        fit_model = compile_model(model, train_cfg.learning_rate)
+        fit_model = model if strategy is None else distribute.WindowTrainer(model)
+        compile_model(fit_model, train_cfg.learning_rate, jit_compile=xla)
         make = make_dataset
         args = {'batch_size': train_cfg.batch_size}
+    if strategy is not None:
+        make = functools.partial(distribute.distributed_dataset, strategy, where=where)
+        args = {'batch_size': train_cfg.batch_size}
     train_ds = make(prepared.train, shuffle=True, seed=train_cfg.seed, **args)
-    val_ds = make(prepared.val, shuffle=False, **args) if prepared.val is not None else None
+    val_ds = (
+        make(prepared.val, shuffle=False, seed=train_cfg.seed, **args)
+        if prepared.val is not None
+        else None
+    )
     return fit_model, train_ds, val_ds
 
 
@@ -552,14 +671,19 @@ def check_room(
     image_topic: str | None,
     cmd_topic: str | None,
     cache_dir: str | Path | None,
+    backup_dir: str | Path | None = None,
 ) -> None:
-    """Refuse to start when the frame cache and the bundle will not fit (one line, no hour of
-    training first). The cache is counted only for bags it does not hold yet."""
+    """Refuse to start when the frame cache, the bundle and the backup will not fit (one
+    line, no hour of training first). The cache is counted only for bags it does not hold
+    yet; the backup holds weights, Adam's two moments and the best weights, twice while an
+    epoch's files replace the last."""
     needs: dict[str | Path, int] = {out: bundle_bytes(model)}
+    if backup_dir is not None:
+        needs[Path(backup_dir)] = 2 * 4 * 4 * int(model.count_params())
     if cache_dir is not None:
         cache = Path(cache_dir)
         needs[cache] = cache_bytes(bags, policy.preprocess, image_topic, cmd_topic, cache)
-    diskspace.check_room(needs, 'the frame cache and the bundle')
+    diskspace.check_room(needs, 'the frame cache, the bundle and the backup')
 
 
 def _summary(
