@@ -38,6 +38,10 @@ SLOW = {
         'test_the_driver_zeroes_at_start_drives_and_zeroes_then_releases_on_sigterm',
         'test_motors_off_follows_the_params_file_channels_and_says_what_failed',
     },
+    'test_takeover_node.py': {
+        'test_teleop_takes_over_fast_and_hands_back_to_the_policy_after_teleop_timeout',
+        'test_with_two_inputs_the_watchdog_stops_when_neither_is_fresh_and_applied_says_why',
+    },
     'test_play.py': {
         'test_rate_1_every_message_in_order_with_the_recorded_timing_and_remap',
         'test_rate_2_plays_twice_as_fast_a_window_of_one_topic_from_sqlite3',
