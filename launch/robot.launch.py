@@ -65,7 +65,11 @@ def generate_launch_description():
                         'backend': LaunchConfiguration('backend'),
                     },
                 ],
-                remappings=[('image', LaunchConfiguration('camera_topic'))],
+                remappings=[
+                    ('image', LaunchConfiguration('camera_topic')),
+                    # what the driver applied: ~/output flags the steps a teleop overrode
+                    ('applied', '/motor_driver_node/applied'),
+                ],
             ),
             Node(
                 package='malpi_ros',

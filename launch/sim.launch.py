@@ -12,7 +12,7 @@ from __future__ import annotations
 # node -> [(from, to)]: relative names of each node, wired into one graph.
 REMAPS = {
     'sim_node': [('wheels', '/motor_driver_node/wheels')],
-    'policy_node': [('image', '/camera/image_raw')],
+    'policy_node': [('image', '/camera/image_raw'), ('applied', '/motor_driver_node/applied')],
     'motor_driver_node': [],
 }
 

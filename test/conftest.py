@@ -59,6 +59,7 @@ SLOW = {
         'test_use_sim_time_ages_frames_on_clock_and_without_clock_steps_nothing',
         'test_compressed_frames_seeded_sampling_and_starting_disabled',
         'test_a_signal_publishes_a_zero_twist_and_exits_cleanly',
+        'test_reset_on_handback_zeroes_the_state_when_the_takeover_ends',
     },
     'test_record.py': {
         'test_records_a_live_publisher_frame_for_frame_and_stops_cleanly_on_sigint',

@@ -12,6 +12,7 @@ from malpi_ros.runtime.takeover import (
     STOPPED,
     TELEOP,
     Arbiter,
+    OverrideWatch,
     Selection,
     Velocity,
 )
@@ -93,3 +94,25 @@ def test_source_codes_match_the_message_and_bad_input_is_refused():
         arbiter().feed(STOP, 0.0, FORWARD)
     with pytest.raises(ConfigError, match='teleop_timeout'):
         Arbiter(0.5, 0.0)
+
+
+def test_the_override_watch_flags_a_takeover_counts_it_and_sees_its_end():
+    watch = OverrideWatch(stale_after=1.0)
+    assert not watch.overridden(0.0)
+    assert not watch.applied(POLICY, 0.0)
+    assert not watch.applied(TELEOP, 0.1)
+    assert watch.overridden(0.2)
+    assert not watch.applied(TELEOP, 0.2)  # the same takeover, reported again
+    assert watch.takeovers == 1
+    assert watch.applied(POLICY, 0.5)  # the hand-back
+    assert not watch.overridden(0.5)
+    watch.applied(TELEOP, 1.0)
+    assert watch.applied(STOP, 1.3)  # a stop ends a takeover too
+    assert watch.takeovers == 2
+
+
+def test_a_stale_report_flags_nothing():
+    watch = OverrideWatch(stale_after=1.0)
+    watch.applied(TELEOP, 0.0)
+    assert watch.overridden(1.0)
+    assert not watch.overridden(1.01)  # the driver went quiet mid-takeover

@@ -14,6 +14,10 @@ with fake times (DESIGN §5, §7), is what ``twist_mux`` does with two prioritie
 
 ``Arbiter.select`` is asked at every command and at every watchdog tick, so a hand-back or a
 stop comes at most one tick after the timeout.
+
+``OverrideWatch`` is the policy's side: from the driver's ``~/applied`` it tells whether the
+policy's commands are overridden now (each step's ``PolicyOutput.overridden``) and when a
+takeover ended (the hand-back, where ``policy_node`` may reset its LSTM state).
 """
 
 from __future__ import annotations
@@ -103,3 +107,30 @@ class Arbiter:
             return None
         when, source = max(fed)
         return source, when
+
+
+class OverrideWatch:
+    """Whether a teleop takeover overrides the policy now, from the driver's ``~/applied``.
+
+    The driver reports at every change and at a fixed rate (10 Hz by default); a report older
+    than ``stale_after`` says nothing (a driver that died mid-takeover does not flag the rest of
+    the drive). Times are passed in; not thread-safe (the node guards it with a lock).
+    """
+
+    def __init__(self, stale_after: float) -> None:
+        positive('stale_after', stale_after)
+        self.stale_after = float(stale_after)
+        self._source: str | None = None
+        self._at = 0.0
+        self.takeovers = 0
+
+    def applied(self, source: str, now: float) -> bool:
+        """Note one report; True when it ends a takeover (teleop, then another source)."""
+        ended = self._source == TELEOP and source != TELEOP
+        if source == TELEOP and self._source != TELEOP:
+            self.takeovers += 1
+        self._source, self._at = source, now
+        return ended
+
+    def overridden(self, now: float) -> bool:
+        return self._source == TELEOP and now - self._at <= self.stale_after
