@@ -78,6 +78,7 @@ SLOW = {
     'test_sim_node.py': {
         'test_the_expert_behind_the_topics_drives_laps_through_the_motor_driver',
         'test_cmd_vel_input_moves_the_robot_stale_commands_stop_it_and_reset',
+        'test_the_supervisor_takes_over_a_straying_policy_through_teleop_and_lets_go',
     },
     'test_stops.py': {'test_a_killed_process_under_sim_time_still_stops_the_wheels'},
     'test_train.py': {

@@ -83,6 +83,8 @@ FLUSH_TIMEOUT = 1.0  # s to wait for the final stop on ~/wheels to be acknowledg
 
 
 _DEFAULTS = MotorConfig()
+# The node's own parameters; every other one is a MotorConfig field.
+NODE_ONLY = ('backend', 'watchdog_rate', 'teleop_timeout', 'applied_rate')
 
 # name -> ParamSpec (default, description, range); read once at start into MotorConfig.
 PARAMETERS: dict[str, ParamSpec] = {
