@@ -39,6 +39,9 @@ SLOW = {
         'test_motors_off_follows_the_params_file_channels_and_says_what_failed',
     },
     'test_interventions.py': {'test_a_live_takeover_recorded_then_labelled_from_applied'},
+    'test_supervisor.py': {
+        'test_a_policy_that_only_turns_left_is_carried_round_a_lap_by_the_supervisor'
+    },
     'test_takeover_node.py': {
         'test_teleop_takes_over_fast_and_hands_back_to_the_policy_after_teleop_timeout',
         'test_with_two_inputs_the_watchdog_stops_when_neither_is_fresh_and_applied_says_why',

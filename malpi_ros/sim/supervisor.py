@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from malpi_ros.errors import ConfigError
 from malpi_ros.sim.expert import Expert
 from malpi_ros.sim.robot import Pose
 from malpi_ros.sim.track import Track
+from malpi_ros.sim.world import SimConfig, SimWorld
 
 
 @dataclass(frozen=True)
@@ -111,3 +114,51 @@ class Supervisor:
         """The expert's action while taking over, None while the policy may drive."""
         distance, heading = route_error(self.expert.track, pose, branch)
         return self.expert.act(pose, branch) if self.gate(distance, heading) else None
+
+
+def drive_supervised(
+    bundle: Path,
+    laps: int,
+    seed: int,
+    *,
+    reset_on_handback: bool = False,
+    linger: int = 3,
+    sim: SimConfig | None = None,
+) -> dict[str, Any]:
+    """A bundle's policy drives ``laps`` laps in this process with the supervisor watching.
+
+    The closed loop of ``sim_node`` + ``policy_node`` + ``motor_driver_node`` without ROS, as
+    ``demo.drive_offline``: every frame the policy steps (also during a takeover: its state
+    stays current), the supervisor decides, and the world moves under the supervisor's action
+    or the policy's. After the supervisor lets go its last action is held ``linger`` more
+    frames, as the driver holds a teleop command for ``teleop_timeout`` (0.3 s = 3 frames at
+    10 Hz). With ``reset_on_handback`` the policy's state is zeroed when control returns (the
+    policy_node parameter). Returns ``SimWorld.summary()`` plus ``takeovers`` and
+    ``takeover_frames``.
+    """
+    from malpi_ros.runtime.policy import Policy  # LiteRT only: no TensorFlow in this process
+
+    policy = Policy.from_bundle(bundle, 'litert', num_threads=1)
+    world = SimWorld(sim or SimConfig(), seed=seed)
+    supervisor = Supervisor(Expert(world.track, world.actions, world.config.expert))
+    names = world.actions.names
+    missing = [n for n in policy.config.actions.names if n not in names]
+    if missing:
+        raise ConfigError(f'bundle {bundle} has actions {missing} the simulator does not know')
+    to_sim = [names.index(n) for n in policy.config.actions.names]
+    held, left, taken, overriding = 0, 0, 0, False
+    for _ in range(math.ceil(laps * 120.0 / world.config.dt)):  # 120 s a lap at the most
+        if world.laps >= laps:
+            break
+        chosen = to_sim[policy.step(world.render()).action]
+        action = supervisor.act(world.pose, world.target_branch)
+        if action is not None:
+            held, left = action, linger
+        elif left > 0:
+            action, left = held, left - 1
+        if overriding and action is None and reset_on_handback:
+            policy.reset()  # control is back: zeroed before the next step, as policy_node does
+        overriding = action is not None
+        taken += overriding
+        world.step(chosen if action is None else action)
+    return {**world.summary(), 'takeovers': supervisor.takeovers, 'takeover_frames': taken}
