@@ -1,12 +1,14 @@
 """Bring up MaLPi: camera remap, the perception-policy node and the motor driver.
 
     ros2 launch malpi_ros robot.launch.py bundle:=/path/to/bundle
-        [backend:=litert] [camera_topic:=/camera/image_raw] [params_file:=.../robot.yaml]
+        [backend:=litert] [camera_topic:=/camera/image_raw] [teleop_topic:=/teleop/cmd_vel]
+        [params_file:=.../robot.yaml]
 
 Thin on purpose: everything it passes is a parameter or a remap that works the same on the
 command line, as the tests run it:
 ``policy_node --ros-args --params-file robot.yaml -p bundle:=... -p backend:=litert
--r image:=/camera/image_raw`` and ``motor_driver_node --ros-args --params-file robot.yaml``.
+-r image:=/camera/image_raw`` and ``motor_driver_node --ros-args --params-file robot.yaml
+-r teleop/cmd_vel:=/teleop/cmd_vel``.
 test/test_launch.py checks every name here against the nodes' declared parameters and topics.
 The camera driver is not started here: run the one of your camera and point camera_topic at it.
 The motor driver is respawned when it dies; see the README's "Reliability" for what remains.
@@ -39,6 +41,12 @@ def generate_launch_description():
                 description='sensor_msgs/Image topic of the camera (policy_node image)',
             ),
             DeclareLaunchArgument(
+                'teleop_topic',
+                default_value='/teleop/cmd_vel',
+                description='geometry_msgs/Twist of a person (keyboard, joystick) that takes '
+                'over from the policy while it keeps coming (motor_driver_node teleop/cmd_vel)',
+            ),
+            DeclareLaunchArgument(
                 'params_file',
                 default_value=PathJoinSubstitution(
                     [FindPackageShare('malpi_ros'), 'config', 'nodes', 'robot.yaml']
@@ -57,7 +65,11 @@ def generate_launch_description():
                         'backend': LaunchConfiguration('backend'),
                     },
                 ],
-                remappings=[('image', LaunchConfiguration('camera_topic'))],
+                remappings=[
+                    ('image', LaunchConfiguration('camera_topic')),
+                    # what the driver applied: ~/output flags the steps a teleop overrode
+                    ('applied', '/motor_driver_node/applied'),
+                ],
             ),
             Node(
                 package='malpi_ros',
@@ -65,6 +77,7 @@ def generate_launch_description():
                 name='motor_driver_node',
                 output='screen',
                 parameters=[params_file],
+                remappings=[('teleop/cmd_vel', LaunchConfiguration('teleop_topic'))],
                 # A driver that died (kill -9, OOM, segfault) left the HAT on its last throttle;
                 # the new one zeroes the motors before it subscribes cmd_vel.
                 respawn=True,

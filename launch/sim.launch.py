@@ -1,6 +1,7 @@
 """The simulated MaLPi: sim_node, policy_node and motor_driver_node with config/nodes/sim.yaml.
 
     ros2 launch malpi_ros sim.launch.py bundle:=/path/to/bundle [reset_every_frame:=true]
+        [supervisor:=true]
 
 The same graph ``make demo`` (``malpi_ros.sim.demo``) starts process by process on machines
 without ``ros2 launch``: same parameter file, same remaps (``REMAPS`` below; the demo's test checks
@@ -12,7 +13,7 @@ from __future__ import annotations
 # node -> [(from, to)]: relative names of each node, wired into one graph.
 REMAPS = {
     'sim_node': [('wheels', '/motor_driver_node/wheels')],
-    'policy_node': [('image', '/camera/image_raw')],
+    'policy_node': [('image', '/camera/image_raw'), ('applied', '/motor_driver_node/applied')],
     'motor_driver_node': [],
 }
 
@@ -39,6 +40,11 @@ def generate_launch_description():
             description='the ablation: reset the LSTM state before every frame',
         ),
         DeclareLaunchArgument(
+            'supervisor',
+            default_value='false',
+            description='a simulated person takes over on teleop/cmd_vel when the robot strays',
+        ),
+        DeclareLaunchArgument(
             'params_file',
             default_value=PathJoinSubstitution(
                 [FindPackageShare('malpi_ros'), 'config', 'nodes', 'sim.yaml']
@@ -52,7 +58,7 @@ def generate_launch_description():
             package='malpi_ros',
             executable='sim_node',
             name='sim_node',
-            parameters=[params],
+            parameters=[params, {'supervisor': LaunchConfiguration('supervisor')}],
             remappings=REMAPS['sim_node'],
             output='screen',
         ),

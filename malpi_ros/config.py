@@ -268,9 +268,17 @@ class TrainConfig:
     distribute: str = 'none'
     # XLA-compile the training step where a GPU is present; off on a CPU (train says so).
     xla: bool = False
+    # Loss factor of frames labelled from a teleop takeover (a recording with the driver's
+    # ~/applied); 1: like any frame. Higher: the corrections of the policy's own mistakes count
+    # more than the frames it drove itself (issue 13).
+    intervention_weight: float = 1.0
 
     def __post_init__(self) -> None:
         int_at_least('epochs', self.epochs, 1)
+        if not (is_number(self.intervention_weight) and self.intervention_weight >= 0):
+            raise ConfigError(
+                f'intervention_weight must be a number >= 0, got {self.intervention_weight!r}'
+            )
         int_at_least('min_epochs', self.min_epochs, 0)
         flag('class_weighting', self.class_weighting)
         if not (is_number(self.class_weight_cap) and self.class_weight_cap >= 1):

@@ -156,6 +156,29 @@ def twist_msg(t: float, linear: float, angular: float, *, stamped: bool = False)
     )
 
 
+APPLIED_TYPE = 'malpi_ros/msg/AppliedCommand'
+
+
+def applied_msg(t: float, source: int, linear: float, angular: float) -> Any:
+    """motor_driver_node's ~/applied (malpi_ros/msg/AppliedCommand, stamped ``t``): its type
+    is read from the installed package's ``.msg`` file, as the recorder reads it."""
+    if APPLIED_TYPE not in _STORE.fielddefs:
+        from malpi_ros.bagio.writer import Definitions
+
+        defs = Definitions()
+        defs.definition(APPLIED_TYPE)
+        _STORE.register({APPLIED_TYPE: defs.store.fielddefs[APPLIED_TYPE]})
+    return _STORE.types[APPLIED_TYPE](
+        header=header(t, ''),
+        source=source,
+        linear_x=float(linear),
+        angular_z=float(angular),
+        left=0.0,
+        right=0.0,
+        command_age=0.0,
+    )
+
+
 def write_bag(
     path: str | Path,
     *,

@@ -38,6 +38,14 @@ SLOW = {
         'test_the_driver_zeroes_at_start_drives_and_zeroes_then_releases_on_sigterm',
         'test_motors_off_follows_the_params_file_channels_and_says_what_failed',
     },
+    'test_interventions.py': {'test_a_live_takeover_recorded_then_labelled_from_applied'},
+    'test_supervisor.py': {
+        'test_a_policy_that_only_turns_left_is_carried_round_a_lap_by_the_supervisor'
+    },
+    'test_takeover_node.py': {
+        'test_teleop_takes_over_fast_and_hands_back_to_the_policy_after_teleop_timeout',
+        'test_with_two_inputs_the_watchdog_stops_when_neither_is_fresh_and_applied_says_why',
+    },
     'test_play.py': {
         'test_rate_1_every_message_in_order_with_the_recorded_timing_and_remap',
         'test_rate_2_plays_twice_as_fast_a_window_of_one_topic_from_sqlite3',
@@ -56,6 +64,7 @@ SLOW = {
         'test_use_sim_time_ages_frames_on_clock_and_without_clock_steps_nothing',
         'test_compressed_frames_seeded_sampling_and_starting_disabled',
         'test_a_signal_publishes_a_zero_twist_and_exits_cleanly',
+        'test_reset_on_handback_zeroes_the_state_when_the_takeover_ends',
     },
     'test_record.py': {
         'test_records_a_live_publisher_frame_for_frame_and_stops_cleanly_on_sigint',
@@ -73,6 +82,7 @@ SLOW = {
     'test_sim_node.py': {
         'test_the_expert_behind_the_topics_drives_laps_through_the_motor_driver',
         'test_cmd_vel_input_moves_the_robot_stale_commands_stop_it_and_reset',
+        'test_the_supervisor_takes_over_a_straying_policy_through_teleop_and_lets_go',
     },
     'test_stops.py': {'test_a_killed_process_under_sim_time_still_stops_the_wheels'},
     'test_train.py': {

@@ -197,6 +197,8 @@ def test_installed_config_files_hold_a_valid_motor_config(name):
     params = dict(params['motor_driver_node']['ros__parameters'])
     assert params.pop('backend') == 'motorkit'
     assert params.pop('watchdog_rate') > 0
+    assert params.pop('teleop_timeout') == 0.3
+    assert params.pop('applied_rate') > 0
     cfg = MotorConfig(**params)
     assert cfg.cmd_timeout == 0.5
     assert set(params) == {f.name for f in dataclasses.fields(MotorConfig)}

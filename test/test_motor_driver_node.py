@@ -21,7 +21,7 @@ from rosgraph import Graph, Inbox, Received, graph
 from std_msgs.msg import Float32MultiArray
 from support import NODE_DIR, SHARE_DIR, ros_env, running, stop, wait_for
 
-from malpi_ros.nodes.motor_driver_node import MotorDriverNode
+from malpi_ros.nodes.motor_driver_node import NODE_ONLY, MotorDriverNode
 from malpi_ros.runtime.motor import MOTORKIT_PIP, MotorConfig, SimBackend, mix
 
 pytestmark = pytest.mark.ros
@@ -121,7 +121,7 @@ def test_a_signal_stops_the_motors_and_exits_cleanly(tmp_path, sig):
 
 def test_robot_yaml_with_a_sim_override_drives_with_its_values(tmp_path):
     params = yaml.safe_load(ROBOT_YAML.read_text())['motor_driver_node']['ros__parameters']
-    cfg = MotorConfig(**{k: v for k, v in params.items() if k not in ('backend', 'watchdog_rate')})
+    cfg = MotorConfig(**{k: v for k, v in params.items() if k not in NODE_ONLY})
     env = ros_env()
     log = tmp_path / 'node.log'
     cmd = [NODE, '--ros-args', '--params-file', str(ROBOT_YAML), '-p', 'backend:=sim']

@@ -37,7 +37,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 from support import NODE_DIR, ros_env, running, stop, wait_for
 
-from malpi_ros.msg import PolicyOutput
+from malpi_ros.msg import AppliedCommand, PolicyOutput
 from malpi_ros.runtime import image
 from malpi_ros.runtime.actions import ActionSelector, twist_for
 from malpi_ros.runtime.policy import Policy, StepResult
@@ -791,3 +791,63 @@ def test_a_png_bomb_is_dropped_fast_and_small_and_a_slow_decode_is_not_stepped(
         _, out = r.step(pngs[2])  # and the node goes on
         assert out.step == 3
     assert 'OpenCV' not in log.read_text() and 'libpng' not in log.read_text()
+
+
+# --- teleop takeover (issue 13) ------------------------------------------------------------
+
+
+def takeover(r: Rig, applied, source: int, log_line: str | None = None) -> None:
+    """Report ``source`` on policy_node's ``applied`` as motor_driver_node would, and wait until
+    the node took it in (its takeover count on /diagnostics, or a line in its log)."""
+    before = int(values(r.statuses()[-1])['takeovers']) if r.statuses() else 0
+    r.diag.clear()
+    applied.publish(AppliedCommand(source=source))
+    if log_line is None:
+        r.wait_status(lambda v: int(v['takeovers']) > before)
+    else:
+        assert wait_for(lambda: r.text().count(log_line) > 0, 5.0), r.text()
+
+
+def test_a_takeover_flags_the_outputs_while_stepping_goes_on_with_the_state(rig, bundle, frames):
+    rig.fresh()
+    applied = rig.g.publisher(AppliedCommand, 'applied')
+    assert rig.g.wait_matched(applied)
+    messages = [fields(rgb) for rgb in frames[:5]]
+    want = offline(bundle, messages)
+    ((first, _),) = rig.steps(messages[:1])
+    assert not first.overridden
+    takeover(rig, applied, AppliedCommand.SOURCE_TELEOP)
+    during = rig.steps(messages[1:3])
+    # Stepping and publishing go on (the driver ignores the commands); the outputs say so.
+    assert [(out.overridden, out.enabled, cmd is not None) for out, cmd in during] == [
+        (True, True, True)
+    ] * 2
+    takeover(rig, applied, AppliedCommand.SOURCE_POLICY, 'takeover ended (control: policy)')
+    after = rig.steps(messages[3:])
+    assert [out.overridden for out, _ in after] == [False, False]
+    # reset_on_handback is off by default: the state carried through the takeover.
+    for i, (out, _) in enumerate([(first, None), *during, *after]):
+        assert_same(out, want[i], step=i + 1)
+    assert 'LSTM state reset' not in rig.text().split('takeover ended')[-1]
+
+
+def test_reset_on_handback_zeroes_the_state_when_the_takeover_ends(bundle, frames, tmp_path):
+    env = ros_env()
+    log = tmp_path / 'node.log'
+    cmd = ros_args(bundle, reset_on_handback=True, **NODE_PARAMS)
+    messages = [fields(rgb) for rgb in frames[:4]]
+    want = offline(bundle, messages)
+    with graph(int(env['ROS_DOMAIN_ID'])) as g, running(cmd, env, log) as proc:
+        r = Rig(g, proc, log, env)
+        applied = g.publisher(AppliedCommand, 'applied')
+        assert g.wait_matched(applied)
+        takeover(r, applied, AppliedCommand.SOURCE_TELEOP)
+        outs = [out for out, _ in r.steps(messages[:2])]
+        assert [out.overridden for out in outs] == [True, True]
+        takeover(r, applied, AppliedCommand.SOURCE_STOP, 'takeover ended (control: stop)')
+        outs += [out for out, _ in r.steps(messages[:2])]
+        assert proc.poll() is None
+    for out, w, step in zip(outs, want[:2] * 2, [1, 2, 1, 2], strict=True):
+        assert_same(out, w, step)  # after the hand-back: as a fresh policy again
+    assert not outs[2].overridden
+    assert 'LSTM state reset before the next step' in log.read_text()

@@ -42,10 +42,17 @@ IMAGE_TYPES = {
     'sensor_msgs/msg/Image': 'raw',
     'sensor_msgs/msg/CompressedImage': 'compressed',
 }
+# What frames are labelled from. ``applied`` (motor_driver_node's ~/applied) is what the motors
+# actually got, with its source: when a bag has it, it is the command topic (find_topics).
+APPLIED_TYPE = 'malpi_ros/msg/AppliedCommand'
 CMD_TYPES = {
     'geometry_msgs/msg/Twist': 'twist',
     'geometry_msgs/msg/TwistStamped': 'twist_stamped',
+    APPLIED_TYPE: 'applied',
 }
+# AppliedCommand.source codes (malpi_ros.runtime.takeover.SOURCES); a Twist has none.
+UNKNOWN_SOURCE = -1
+TELEOP_SOURCE = 2
 STAMPS = ('receive', 'header')
 STORAGE_SUFFIXES = ('.mcap', '.db3')
 
@@ -86,9 +93,18 @@ def header_stamp(msg: Any) -> float | None:
 
 
 def twist_of(msg: Any) -> tuple[float, float]:
-    """(linear.x, angular.z) of a Twist or TwistStamped message; NaN is passed through."""
+    """(linear.x, angular.z) of a Twist, TwistStamped or AppliedCommand; NaN passed through."""
+    if hasattr(msg, 'linear_x'):  # AppliedCommand
+        return float(msg.linear_x), float(msg.angular_z)
     twist = msg.twist if hasattr(msg, 'twist') else msg
     return float(twist.linear.x), float(twist.angular.z)
+
+
+def command_of(msg: Any) -> tuple[float, float, int]:
+    """(linear.x, angular.z, source) of a command message: the AppliedCommand's source
+    (stop 0, policy 1, teleop 2), UNKNOWN_SOURCE for a Twist."""
+    source = int(msg.source) if hasattr(msg, 'linear_x') else UNKNOWN_SOURCE
+    return (*twist_of(msg), source)
 
 
 class Bag:
@@ -470,11 +486,17 @@ def find_topics(
     source: BagSummary | Bag, image_topic: str | None = None, cmd_topic: str | None = None
 ) -> Topics:
     """The camera and command topics: by type when not named; named ones are checked.
+    A bag with one (non-empty) AppliedCommand topic is labelled from it.
 
     ``source`` is a summary or an open bag (its index counts suffice). A missing, empty or
     ambiguous topic, or a named one of the wrong type, is a BagError that lists what the bag
     has (topic: type (count)).
     """
     image = _pick(source, image_topic, IMAGE_TYPES, 'image', '--image-topic')
+    if cmd_topic is None:
+        # A drive with a takeover holds cmd_vel, teleop/cmd_vel and the driver's ~/applied:
+        # label from what was applied (it says who drove), not from one of the requests.
+        applied = [n for n, t, c in _listing(source)[1] if t == APPLIED_TYPE and c > 0]
+        cmd_topic = applied[0] if len(applied) == 1 else None
     cmd = _pick(source, cmd_topic, CMD_TYPES, 'command', '--cmd-topic')
     return Topics(image[0], image[1], cmd[0], cmd[1])

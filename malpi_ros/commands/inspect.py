@@ -4,9 +4,11 @@ Summarize rosbag2 recordings before training on them: per bag, its topics with t
 rates and gaps (the largest, and how many are longer than the dataset's episode gap), the
 camera's frame sizes and encodings (from the first few frames), and the action histogram the
 training labels would have (commands aligned to frame times as training does, without decoding
-the images). Exits non-zero, naming the bag, when a bag is unreadable, lacks a camera or
-command topic, or has no camera frame that decodes; each error is printed once, on stderr. A
-bag its recorder did not finish: `malpi-ros recover BAG` first.
+the images) and, for a recording with the motor driver's ``~/applied`` (which training then
+labels from), the teleop takeovers per episode: how many, and how long each. Exits non-zero,
+naming the bag, when a bag is unreadable, lacks a camera or command topic, or has no camera
+frame that decodes; each error is printed once, on stderr. A bag its recorder did not finish:
+`malpi-ros recover BAG` first.
 
 --config reads the settings file `malpi-ros train` reads (malpi_ros.config_file); its
 ``dataset:`` and ``actions:`` sections set the labelling rules.
@@ -27,7 +29,13 @@ from malpi_ros.bagio import reader as bagio
 from malpi_ros.config import ActionTable, DatasetConfig, from_dict, to_dict
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import BagError, DatasetError, DecodeError
-from malpi_ros.learn.dataset import align_labels, split_episodes, training_units
+from malpi_ros.learn.dataset import (
+    align_labels,
+    split_episodes,
+    takeover_flags,
+    takeover_runs,
+    training_units,
+)
 
 SAMPLE_FRAMES = 5  # image messages decoded per bag to report sizes and encodings
 
@@ -61,7 +69,7 @@ def inspect_bag(
             topic_error = None
         except BagError as err:
             topics, topic_error = None, str(err)
-        commands: list[tuple[float, float, float]] = []
+        commands: list[tuple[float, float, float, int]] = []
         samples: list[Any] = []
         probe = _DecodeProbe(bag)
 
@@ -69,7 +77,7 @@ def inspect_bag(
             if topics is None:
                 return
             if topic == topics.cmd_topic:
-                commands.append((t_ns * 1e-9, *bagio.twist_of(bag.deserialize(raw, topic))))
+                commands.append((t_ns * 1e-9, *bagio.command_of(bag.deserialize(raw, topic))))
             elif topic == topics.image_topic:
                 if len(samples) < SAMPLE_FRAMES:
                     samples.append(raw)
@@ -165,12 +173,12 @@ def _image_formats(
 def _label_report(
     summary: bagio.BagSummary,
     topics: bagio.Topics,
-    commands: list[tuple[float, float, float]],
+    commands: list[tuple[float, float, float, int]],
     dataset: DatasetConfig,
     table: ActionTable,
 ) -> dict[str, Any]:
     frame_t = summary.topic(topics.image_topic).stamps
-    cmd = np.asarray(commands, dtype=np.float64).reshape(-1, 3)
+    cmd = np.asarray(commands, dtype=np.float64).reshape(-1, 4)
     finite = np.isfinite(cmd[:, 1]) & np.isfinite(cmd[:, 2])
     out: dict[str, Any] = {'config': to_dict(dataset), 'actions': list(table.names)}
     if not finite.any():
@@ -198,6 +206,18 @@ def _label_report(
         windows=training_units(lengths, dataset),
         short_episodes=sum(1 for n in lengths if n < dataset.min_frames),
     )
+    if topics.cmd_kind == 'applied':
+        flags = takeover_flags(frame_t, cmd[:, 0], cmd[:, 1], cmd[:, 2], cmd[:, 3], dataset)
+        out['takeovers'] = [
+            {'episode': i, 'frames': s.stop - s.start, 'runs': runs}
+            for i, s in enumerate(episodes)
+            for runs in [
+                [
+                    {'frames': n, 'seconds': round(sec, 3)}
+                    for n, sec in takeover_runs(frame_t[s], flags[s])
+                ]
+            ]
+        ]
     return out
 
 
@@ -249,6 +269,14 @@ def format_text(report: dict[str, Any]) -> str:
                 f'{labels["episodes"]} episodes, {labels["windows"]} '
                 f'{from_dict(DatasetConfig, cfg).unit} ({labels["short_episodes"]} episodes '
                 'too short)'
+            )
+        for ep in labels.get('takeovers', []):
+            runs = ep['runs']
+            took = sum(r['frames'] for r in runs)
+            lasted = ', '.join(f'{r["seconds"]:.1f}' for r in runs)
+            lines.append(
+                f'  episode {ep["episode"]}: {len(runs)} takeovers, {took} of {ep["frames"]} '
+                f'frames' + (f' (s: {lasted})' if runs else '')
             )
     return '\n'.join(lines)  # an error goes to stderr, once (see run)
 

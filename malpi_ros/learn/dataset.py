@@ -5,6 +5,11 @@ frame to uint8; label each frame with the latest command at or before ``stamp + 
 episodes at gaps and at dropped frames; cut episodes into windows of ``burn_in + seq_len``
 frames that never cross an episode boundary. The trainer builds its ``tf.data`` on top.
 
+Labels come from the driver's ``~/applied`` when a recording has it (what the motors got,
+and from which input), from ``cmd_vel`` otherwise; with ``applied`` a frame whose latest
+command came from teleop is a *takeover* frame (``Episode.takeover``), which training can
+weight (``TrainConfig.intervention_weight``) and ``inspect`` counts.
+
 Clock: frames and commands are aligned on the bag's receive times (see ``malpi_ros.bagio.reader``);
 image header stamps only serve to measure the frame period ``dt`` when every frame has one.
 
@@ -37,7 +42,7 @@ from malpi_ros.progress import progress
 from malpi_ros.runtime.actions import labels_for
 from malpi_ros.runtime.image import decode, fit_frame
 
-CACHE_VERSION = 1  # bump when what the cache holds, or how frames are made, changes
+CACHE_VERSION = 2  # bump when what the cache holds, or how frames are made, changes
 MAX_REASONS = 5  # distinct reasons kept per bag for malformed frames (the count is exact)
 
 
@@ -82,17 +87,11 @@ def align_labels(
             f'angular {ang.shape}'
         )
     valid = np.isfinite(lin) & np.isfinite(ang) & np.isfinite(cmd_t)
-    order = np.argsort(cmd_t[valid], kind='stable')
-    t_ok, lin_ok, ang_ok = cmd_t[valid][order], lin[valid][order], ang[valid][order]
-    query = frame_t + cfg.lag
-    latest = np.searchsorted(t_ok, query, side='right') - 1
-    has = latest >= 0
-    age = query - t_ok[np.maximum(latest, 0)] if len(t_ok) else np.full(query.shape, np.inf)
-    fresh = has & (age <= cfg.cmd_timeout)
+    latest, fresh = _latest_commands(frame_t, cmd_t, valid, cfg)
     labels = np.full(frame_t.shape, table.stop_index if cfg.stale == 'stop' else -1, np.int64)
     if fresh.any():
         picked = latest[fresh]
-        labels[fresh] = labels_for(lin_ok[picked], ang_ok[picked], table)
+        labels[fresh] = labels_for(lin[picked], ang[picked], table)
     stale = int(np.count_nonzero(~fresh))
     stats = AlignmentStats(
         frames=int(frame_t.size),
@@ -138,6 +137,57 @@ def split_episodes(
     return slices
 
 
+def _latest_commands(
+    frame_t: np.ndarray, cmd_t: np.ndarray, valid: np.ndarray, cfg: DatasetConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the index (into ``cmd_t``) of the latest ``valid`` command at or before
+    ``frame_t + lag``, and whether it exists and is at most ``cmd_timeout`` old there."""
+    where = np.flatnonzero(valid)
+    order = where[np.argsort(cmd_t[where], kind='stable')]
+    query = frame_t + cfg.lag
+    position = np.searchsorted(cmd_t[order], query, side='right') - 1
+    has = position >= 0
+    if not len(order):
+        return np.zeros(frame_t.shape, np.int64), np.zeros(frame_t.shape, bool)
+    latest = order[np.maximum(position, 0)]
+    fresh = has & (query - cmd_t[latest] <= cfg.cmd_timeout)
+    return latest, fresh
+
+
+def takeover_flags(
+    frame_t: np.ndarray,
+    cmd_t: np.ndarray,
+    cmd_lin: np.ndarray,
+    cmd_ang: np.ndarray,
+    cmd_src: np.ndarray,
+    cfg: DatasetConfig,
+) -> np.ndarray:
+    """bool per frame: its label came from a teleop takeover (the command ``align_labels``
+    labels it from has the teleop source). All False for a recording labelled from
+    ``cmd_vel`` (no source)."""
+    frame_t = np.asarray(frame_t, np.float64)
+    cmd_t = np.asarray(cmd_t, np.float64)
+    valid = np.isfinite(cmd_lin) & np.isfinite(cmd_ang) & np.isfinite(cmd_t)
+    latest, fresh = _latest_commands(frame_t, cmd_t, valid, cfg)
+    if not len(cmd_t):
+        return fresh
+    return fresh & (np.asarray(cmd_src)[latest] == bagio.TELEOP_SOURCE)
+
+
+def takeover_runs(stamps: np.ndarray, flags: np.ndarray) -> list[tuple[int, float]]:
+    """(frames, seconds) of each run of consecutive takeover frames of one episode; seconds
+    from its first frame to the frame after its last (the episode's end: its last frame)."""
+    flags = np.asarray(flags, bool)
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    runs = []
+    starts = np.flatnonzero(edges == 1).tolist()
+    stops = np.flatnonzero(edges == -1).tolist()
+    for start, stop in zip(starts, stops, strict=True):
+        end = stamps[min(stop, len(stamps) - 1)]
+        runs.append((stop - start, float(end - stamps[start])))
+    return runs
+
+
 def median_period(stamps: np.ndarray) -> float:
     """Median spacing of sorted stamps in seconds; NaN for fewer than two."""
     stamps = np.asarray(stamps, dtype=np.float64)
@@ -149,7 +199,8 @@ class Episode:
     """Consecutive labelled frames of one bag, with no gap or dropped frame inside.
 
     ``frames`` is uint8 (N, h, w, c), possibly a read-only view of a memmapped cache file;
-    ``stamps`` are receive times (s); ``dt`` the median frame period.
+    ``stamps`` are receive times (s); ``dt`` the median frame period; ``takeover`` (bool per
+    frame, all False when not given) marks frames labelled from a teleop takeover.
     """
 
     bag: str
@@ -158,14 +209,28 @@ class Episode:
     labels: np.ndarray = field(repr=False)
     frames: np.ndarray = field(repr=False)
     dt: float
+    takeover: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.stamps)
-        if len(self.labels) != n or len(self.frames) != n:
+        if self.takeover is None:
+            object.__setattr__(self, 'takeover', np.zeros(n, bool))
+        if len(self.labels) != n or len(self.frames) != n or len(self.flags) != n:
             raise DatasetError(
                 f'episode {self.index} of {self.bag}: {n} stamps, {len(self.labels)} labels, '
-                f'{len(self.frames)} frames'
+                f'{len(self.frames)} frames, {len(self.flags)} takeover flags'
             )
+
+    @property
+    def flags(self) -> np.ndarray:
+        """``takeover`` as a bool array (never None after construction)."""
+        assert self.takeover is not None
+        return self.takeover
+
+    def weights(self, start: int, stop: int, intervention_weight: float) -> np.ndarray:
+        """float32 loss factor of frames ``start:stop``: ``intervention_weight`` on takeover
+        frames, 1 elsewhere."""
+        return np.where(self.flags[start:stop], intervention_weight, 1.0).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.stamps)
@@ -182,6 +247,7 @@ class Episode:
             stamps=self.stamps[start:stop],
             labels=self.labels[start:stop],
             frames=self.frames[start:stop],
+            takeover=self.flags[start:stop],
         )
 
 
@@ -372,6 +438,7 @@ class BagReport:
     label_histogram: tuple[int, ...]
     cache: str
     cache_file: str | None
+    takeover_frames: int = 0  # in episodes, labelled from a teleop takeover (applied)
 
 
 @dataclass(frozen=True, eq=False)
@@ -401,7 +468,8 @@ class Recordings:
                 f'{r.bag}: {r.frames} frames ({r.malformed} malformed), {a.commands} commands '
                 f'({a.nan_commands} NaN), {a.stale} stale, {a.dropped} dropped, '
                 f'{r.episodes} episodes, dt {r.dt * 1000:.1f} ms ({r.dt_source}), '
-                f'cache {r.cache}'
+                f'cache {r.cache}; labels from {r.topics.cmd_topic} ({r.topics.cmd_kind}), '
+                f'{r.takeover_frames} takeover frames'
             )
             lines += [f'  malformed x{count}: {reason}' for reason, count in r.malformed_reasons]
         hist = ', '.join(
@@ -531,6 +599,7 @@ class _Read(NamedTuple):
     cmd_t: np.ndarray
     cmd_lin: np.ndarray
     cmd_ang: np.ndarray
+    cmd_src: np.ndarray  # int8: AppliedCommand source per command, -1 for a Twist
     image_messages: int
     malformed: int
     reasons: tuple[tuple[str, int], ...]
@@ -544,7 +613,7 @@ def _read_bag(
     sink = _FrameSink((cfg.height, cfg.width, cfg.channels), capacity, frames_path)
     frame_t: list[float] = []
     header_t: list[float] = []
-    cmds: list[tuple[float, float, float]] = []
+    cmds: list[tuple[float, float, float, int]] = []
     reasons: Counter[str] = Counter()
     image_messages = 0
     messages = progress(
@@ -557,7 +626,7 @@ def _read_bag(
         t = t_ns * 1e-9
         if topic == topics.cmd_topic:
             msg = bag.deserialize(raw, topic)  # a malformed command is a broken bag: BagError
-            cmds.append((t, *bagio.twist_of(msg)))
+            cmds.append((t, *bagio.command_of(msg)))
             continue
         image_messages += 1
         try:
@@ -570,7 +639,7 @@ def _read_bag(
         frame_t.append(t)
         stamp = bagio.header_stamp(msg)
         header_t.append(np.nan if stamp is None else stamp)
-    cmd = np.asarray(cmds, dtype=np.float64).reshape(-1, 3)
+    cmd = np.asarray(cmds, dtype=np.float64).reshape(-1, 4)
     return _Read(
         frames=sink.finish(),
         frame_t=np.asarray(frame_t, np.float64),
@@ -578,6 +647,7 @@ def _read_bag(
         cmd_t=cmd[:, 0].copy(),
         cmd_lin=cmd[:, 1].copy(),
         cmd_ang=cmd[:, 2].copy(),
+        cmd_src=cmd[:, 3].astype(np.int8),
         image_messages=image_messages,
         malformed=sum(reasons.values()),
         reasons=tuple(reasons.most_common(MAX_REASONS)),
@@ -600,6 +670,7 @@ def _save_meta(path: Path, read: _Read) -> None:
                 cmd_t=read.cmd_t,
                 cmd_lin=read.cmd_lin,
                 cmd_ang=read.cmd_ang,
+                cmd_src=read.cmd_src,
                 info=np.array(json.dumps(info)),
             )
     except BaseException:
@@ -616,7 +687,8 @@ def _load_cached(frames_path: Path, meta_path: Path) -> _Read | None:
     try:
         with np.load(meta_path) as meta:
             info = json.loads(str(meta['info']))
-            arrays = {k: meta[k] for k in ('frame_t', 'header_t', 'cmd_t', 'cmd_lin', 'cmd_ang')}
+            keys = ('frame_t', 'header_t', 'cmd_t', 'cmd_lin', 'cmd_ang', 'cmd_src')
+            arrays = {k: meta[k] for k in keys}
         frames = np.load(frames_path, mmap_mode='r')
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return None  # a damaged entry is rebuilt, not trusted
@@ -799,6 +871,9 @@ def _load_one(
     labels, stats = align_labels(
         read.frame_t, read.cmd_t, read.cmd_lin, read.cmd_ang, dataset_cfg, table
     )
+    takeover = takeover_flags(
+        read.frame_t, read.cmd_t, read.cmd_lin, read.cmd_ang, read.cmd_src, dataset_cfg
+    )
     slices = split_episodes(read.frame_t, dataset_cfg.gap, labels)
     dt, dt_source, periods, period_stamps = _frame_period(read, slices)
     episodes = [
@@ -809,6 +884,7 @@ def _load_one(
             labels=labels[s],
             frames=frames[s],
             dt=median_period(period_stamps[s]) if s.stop - s.start >= 2 else dt,
+            takeover=takeover[s],
         )
         for i, s in enumerate(slices)
     ]
@@ -832,5 +908,6 @@ def _load_one(
         label_histogram=tuple(int(c) for c in np.bincount(used, minlength=len(table))),
         cache=state,
         cache_file=str(frames_path) if frames_path is not None else None,
+        takeover_frames=int(sum(np.count_nonzero(ep.flags) for ep in episodes)),
     )
     return report, episodes, periods

@@ -79,6 +79,7 @@ class WindowSource:
     burn_in: int
     preprocess: PreprocessConfig
     weights: np.ndarray  # float32 (num_actions,): sample weight per label
+    intervention_weight: float = 1.0  # times the loss of a takeover frame (Episode.takeover)
 
     def __post_init__(self) -> None:
         if self.index.ndim != 2 or self.index.shape[1] != 2:
@@ -116,6 +117,12 @@ class WindowSource:
         x = normalize(self.frames_uint8(rows), self.preprocess)
         y = self.labels(rows)
         weight = self.weights[y]
+        if self.intervention_weight != 1.0:
+            for i, row in enumerate(rows):
+                episode, start = self.index[row]
+                weight[i] *= self.episodes[episode].weights(
+                    start, start + self.window, self.intervention_weight
+                )
         weight[:, : self.burn_in] = 0.0
         return x, y, weight
 
@@ -221,6 +228,7 @@ class ChunkSource:
     preprocess: PreprocessConfig
     weights: np.ndarray  # float32 (num_actions,): sample weight per label
     split: bool = True  # cut episodes into pieces for busy lanes; False: whole (validation)
+    intervention_weight: float = 1.0  # times the loss of a takeover frame (Episode.takeover)
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lanes < 1 or self.burn_in < 0:
@@ -260,7 +268,8 @@ class ChunkSource:
             frames[lane, :n] = episode.frames[start : start + n]
             y[lane, :n] = episode.labels[start : start + n]
             scored = (row[PLAN_SINCE_RESET] + steps[:n]) >= self.burn_in
-            weight[lane, :n] = np.where(scored, self.weights[y[lane, :n]], 0.0)
+            factor = episode.weights(start, start + n, self.intervention_weight)
+            weight[lane, :n] = np.where(scored, self.weights[y[lane, :n]] * factor, 0.0)
         reset = (rows[:, PLAN_SINCE_RESET] == 0).astype(np.float32)
         return normalize(frames, self.preprocess), reset, y, weight
 

@@ -148,7 +148,11 @@ def prepare(
     if train_cfg.class_weighting:
         # From the labels that carry loss: what the optimizer actually sees.
         weights = class_weights(unweighted.loss_labels(), num_actions, train_cfg.class_weight_cap)
-    train_source = replace(unweighted, weights=weights)
+    # Takeover frames weigh intervention_weight in training only: validation measures the
+    # policy on every frame alike.
+    train_source = replace(
+        unweighted, weights=weights, intervention_weight=train_cfg.intervention_weight
+    )
     val_source = source(split.val, weights, pieces=False) if split.val else None
     if split.val and val_source is None:
         notes.append(

@@ -3,16 +3,25 @@
 Example (no hardware): ``motor_driver_node --ros-args -p backend:=sim -p cmd_timeout:=0.3``
 
 The ROS glue around ``malpi_ros.runtime.motor`` (mixing, watchdog and backends live there, tested
-without ROS). Safety behaviour (DESIGN §5):
+without ROS) and ``malpi_ros.runtime.takeover`` (which input drives). Two inputs:
+``cmd_vel`` (the policy) and ``teleop/cmd_vel`` (a person: keyboard, joystick, the simulator's
+supervisor; remap it to your teleop's topic). Teleop wins while its last command is younger
+than ``teleop_timeout``, then control returns to the policy's newest command; with no fresh
+input the motors stop. What was applied - the clamped command, the throttles, the source
+(policy, teleop, stop) - is published on ``~/applied`` (``malpi_ros/AppliedCommand``) at every
+change and at ``applied_rate``: recordings are labelled with it. Safety behaviour (DESIGN §5):
 
 - at start, before ``cmd_vel`` is subscribed, the motors are set to zero: a driver that was
   respawned after a crash takes over motors that may still hold the dead one's last throttle
   (a PCA9685 keeps its PWM); if that stop fails the node exits (code 2) rather than drive;
-- each ``cmd_vel`` (geometry_msgs/Twist) is mixed and applied at once;
-- a timer at ``watchdog_rate`` stops the motors when no ``cmd_vel`` came for ``cmd_timeout``
-  seconds (logged once per expiry with the measured silence; the motors stay stopped until the
-  next command). The timer runs on the steady clock and the silence is measured with
-  ``time.monotonic()``: ``use_sim_time`` (read-only here, chosen at start) cannot stop it;
+- each command of the input that drives (geometry_msgs/Twist) is mixed and applied at once; a
+  policy command during a takeover is only remembered;
+- a timer at ``watchdog_rate`` hands control back to the policy when teleop went stale, and
+  stops the motors when neither input is fresh (no ``cmd_vel`` for ``cmd_timeout`` seconds, no
+  teleop for ``teleop_timeout``; logged once per expiry with the measured silence; the motors
+  stay stopped until the next command). The timer runs on the steady clock and the silence is
+  measured with ``time.monotonic()``: ``use_sim_time`` (read-only here, chosen at start) cannot
+  stop it;
 - a failing backend is stopped and the error logged (throttled); the node keeps running and the
   next command tries again - a dead driver would look like a robot that ignores commands;
 - SIGINT and SIGTERM stop the motors, flush that stop and release the backend before the
@@ -38,6 +47,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Float32MultiArray
 
 from malpi_ros.errors import MotorError
+from malpi_ros.msg import AppliedCommand
 from malpi_ros.nodes.params import ParamSpec
 from malpi_ros.nodes.runner import (
     declare_parameters,
@@ -49,19 +59,32 @@ from malpi_ros.runtime.motor import (
     BACKENDS,
     MotorBackend,
     MotorConfig,
-    Watchdog,
+    clamp_command,
     drive,
     halt,
     make_backend,
     mix,
 )
+from malpi_ros.runtime.takeover import (
+    POLICY,
+    STOP,
+    STOPPED,
+    TELEOP,
+    Arbiter,
+    Selection,
+    Velocity,
+)
 
 NODE_NAME = 'motor_driver_node'
+# The inputs by source, for logs (the subscriptions name them as literals: test_launch reads them).
+INPUT_TOPICS = {POLICY: 'cmd_vel', TELEOP: 'teleop/cmd_vel'}
 ERROR_LOG_PERIOD = 2.0  # s between repeated backend-error logs
 FLUSH_TIMEOUT = 1.0  # s to wait for the final stop on ~/wheels to be acknowledged
 
 
 _DEFAULTS = MotorConfig()
+# The node's own parameters; every other one is a MotorConfig field.
+NODE_ONLY = ('backend', 'watchdog_rate', 'teleop_timeout', 'applied_rate')
 
 # name -> ParamSpec (default, description, range); read once at start into MotorConfig.
 PARAMETERS: dict[str, ParamSpec] = {
@@ -118,6 +141,17 @@ PARAMETERS: dict[str, ParamSpec] = {
     ),
     # 50 Hz: the stop comes at most 20 ms after cmd_timeout (a Python tick costs ~50 us).
     'watchdog_rate': ParamSpec(50.0, 'how often the cmd_vel timeout is checked (Hz)', 1.0, 200.0),
+    # 0.3 s: a joystick teleop publishes at 10-20 Hz while held, so two lost messages do not
+    # hand the wheels back; short enough that letting go returns control at once.
+    'teleop_timeout': ParamSpec(
+        0.3,
+        'teleop/cmd_vel wins over cmd_vel while its last command is younger than this (s)',
+        0.05,
+        10.0,
+    ),
+    'applied_rate': ParamSpec(
+        10.0, '~/applied is published at every change and at this rate (Hz)', 0.1, 100.0
+    ),
 }
 
 
@@ -130,9 +164,15 @@ class MotorDriverNode(Node):
         values = declare_parameters(self, PARAMETERS)
         backend_name = values.pop('backend')
         rate = values.pop('watchdog_rate')
+        teleop_timeout = values.pop('teleop_timeout')
+        self._applied_period = 1.0 / values.pop('applied_rate')
         self.cfg = MotorConfig(**values)
-        self._watchdog = Watchdog(self.cfg.cmd_timeout)
+        self._arbiter = Arbiter(self.cfg.cmd_timeout, teleop_timeout)
         self.errors = 0
+        # reliable depth 10: a recorder must see every change (a takeover's start and end).
+        self._applied = self.create_publisher(AppliedCommand, '~/applied', 10)
+        self._reported: tuple[float, ...] | None = None  # the last ~/applied, to spot changes
+        self._reported_at = 0.0
 
         # reliable depth 10: tests and the simulator must see every applied command, stops too.
         self._wheels = self.create_publisher(Float32MultiArray, '~/wheels', 10)
@@ -141,17 +181,20 @@ class MotorDriverNode(Node):
         self.backend: MotorBackend = make_backend(backend_name, self.cfg, on_apply)
         # Zero before the first command can arrive (MotorError: exit 2, nothing subscribed).
         halt(self.backend)
-        self._halted = True  # True while stopped by us; a command clears it
+        self._driving = STOP  # the source applied now; STOP while stopped by us
+        self._throttles = (0.0, 0.0)
+        self._report_applied(time.monotonic(), self._arbiter.last)
 
         # Reliable (what teleop, nav2 and our policy_node publish), depth 1: only the newest
         # command may move the motors; a queue of older ones would replay stale intent.
         qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         self.create_subscription(Twist, 'cmd_vel', self._on_cmd_vel, qos)
+        self.create_subscription(Twist, 'teleop/cmd_vel', self._on_teleop, qos)
         steady_timer(self, 1.0 / rate, self._on_tick)
         self.get_logger().info(
-            f'backend {backend_name}, cmd_timeout {self.cfg.cmd_timeout} s, limits '
-            f'{self.cfg.max_linear} m/s {self.cfg.max_angular} rad/s; motors stopped, waiting '
-            'for cmd_vel'
+            f'backend {backend_name}, cmd_timeout {self.cfg.cmd_timeout} s, teleop_timeout '
+            f'{teleop_timeout} s, limits {self.cfg.max_linear} m/s {self.cfg.max_angular} rad/s; '
+            'motors stopped, waiting for cmd_vel'
         )
 
     def _publish_wheels(self, left: float, right: float) -> None:
@@ -164,43 +207,107 @@ class MotorDriverNode(Node):
         )
 
     def _on_cmd_vel(self, msg: Twist) -> None:
-        self._watchdog.feed(time.monotonic())
-        left, right = mix(msg.linear.x, msg.angular.z, self.cfg)
+        self._on_input(POLICY, msg)
+
+    def _on_teleop(self, msg: Twist) -> None:
+        self._on_input(TELEOP, msg)
+
+    def _on_input(self, source: str, msg: Twist) -> None:
+        now = time.monotonic()
+        self._arbiter.feed(source, now, Velocity(msg.linear.x, msg.angular.z))
+        self._update(now, source)
+
+    def _on_tick(self) -> None:
+        self._update(time.monotonic(), None)
+
+    def _update(self, now: float, fed: str | None) -> None:
+        """Apply what the arbiter selects: a new command of the input that drives, a hand-over
+        between inputs, or the stop when none is fresh; then report it if it changed or is due."""
+        chosen = self._arbiter.select(now)
+        if chosen.source == STOP:
+            if self._driving != STOP:
+                self._stop(now)
+        elif chosen.source == fed or chosen.source != self._driving:
+            self._apply(chosen)
+        if self._applied_key(chosen) != self._reported or (
+            now - self._reported_at >= self._applied_period
+        ):
+            self._report_applied(now, chosen)
+
+    def _apply(self, chosen: Selection) -> None:
+        if chosen.source != self._driving and STOP not in (chosen.source, self._driving):
+            self.get_logger().info(
+                'teleop took over from the policy'
+                if chosen.source == TELEOP
+                else 'teleop went quiet: control back to the policy'
+            )
+        self._driving = chosen.source  # also on failure: the next command of it tries again
+        left, right = mix(chosen.command.linear, chosen.command.angular, self.cfg)
         try:
             drive(self.backend, left, right)
         except MotorError as err:
+            self._throttles = (0.0, 0.0)  # drive() stopped the backend
             self._report(err)
             return
-        self._halted = False
+        self._throttles = (left, right)
 
-    def _on_tick(self) -> None:
-        now = time.monotonic()
-        if self._halted or not self._watchdog.expired(now):
-            return
+    def _stop(self, now: float) -> None:
         try:
             halt(self.backend)
         except MotorError as err:
             self._report(err)  # not halted: the next tick tries again
             return
-        self._halted = True
-        last = self._watchdog.last_feed
+        self._driving = STOP
+        self._throttles = (0.0, 0.0)
         # The measured silence (last command -> this stop) is in the log: tests assert it.
-        silence = 'before any' if last is None else f'{now - last:.3f} s after the last'
+        last = self._arbiter.last_input()
+        if last is None:
+            self.get_logger().warning(
+                f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped (before any cmd_vel)'
+            )
+            return
+        source, when = last
         self.get_logger().warning(
-            f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped ({silence} cmd_vel)'
+            f'no cmd_vel for {self.cfg.cmd_timeout} s: motors stopped ({now - when:.3f} s after '
+            f'the last {INPUT_TOPICS[source]})'
         )
+
+    def _applied_key(self, chosen: Selection) -> tuple[float, ...]:
+        """What ~/applied says, minus stamp and age: a new value is a change to report."""
+        linear, angular = (
+            (0.0, 0.0)
+            if chosen.source == STOP
+            else clamp_command(chosen.command.linear, chosen.command.angular, self.cfg)
+        )
+        return (float(chosen.code), linear, angular, *self._throttles)
+
+    def _report_applied(self, now: float, chosen: Selection) -> None:
+        key = self._applied_key(chosen)
+        msg = AppliedCommand(source=chosen.code, linear_x=key[1], angular_z=key[2])
+        msg.left, msg.right = self._throttles
+        msg.header.stamp = self.get_clock().now().to_msg()
+        fed = self._arbiter.fed_at(chosen.source)
+        msg.command_age = 0.0 if fed is None else float(now - fed)
+        self._applied.publish(msg)
+        self._reported = key
+        self._reported_at = now
 
     last_words = 'stopping the motors and exiting'  # close(), said in the log
 
     def close(self) -> None:
-        """Stop and release the motors; the final stop on ~/wheels is flushed before return."""
+        """Stop and release the motors; the final stop on ~/wheels and ~/applied is flushed
+        before return."""
         try:
             halt(self.backend)
         except MotorError as err:
             self._report(err)
         if self.context.ok():
+            self._driving = STOP
+            self._throttles = (0.0, 0.0)
+            self._report_applied(time.monotonic(), STOPPED)
             # The process exits right after this: wait until subscribers acknowledged the stop.
             self._wheels.wait_for_all_acked(Duration(seconds=FLUSH_TIMEOUT))
+            self._applied.wait_for_all_acked(Duration(seconds=FLUSH_TIMEOUT))
         try:
             self.backend.close()
         except Exception as err:  # closing is best effort; the stop above is what matters

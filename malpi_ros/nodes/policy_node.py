@@ -18,6 +18,11 @@ live in pure modules tested without ROS.
   with ``time.monotonic()``, so ``use_sim_time`` cannot switch it off; ``use_sim_time`` itself
   is read-only (chosen at start) and only moves frame ages onto ``/clock``
   (``frame_gate.SimClockWatch``: no running ``/clock``, no fresh frames).
+- ``applied`` (``malpi_ros/AppliedCommand``, remapped to ``/motor_driver_node/applied``): what
+  the motor driver applied. While it says teleop, the node *keeps stepping and publishing*
+  (its state stays current for the hand-back; the driver ignores its commands) and each
+  ``~/output`` says ``overridden: true``. With ``reset_on_handback`` the state is zeroed before
+  the first step after a takeover ends.
 - ``~/reset`` (std_srvs/Trigger): zero the LSTM state; the answer says after how many steps.
 - ``~/enable`` (std_srvs/SetBool): ``false`` publishes one zero Twist and stops publishing on
   ``cmd_vel``. The node *keeps stepping* while disabled and publishes ``~/output`` with
@@ -52,8 +57,9 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
 
 from malpi_ros.errors import BundleError, DecodeError, MalpiError
-from malpi_ros.msg import PolicyOutput
+from malpi_ros.msg import AppliedCommand, PolicyOutput
 from malpi_ros.nodes.policy_node_config import (
+    APPLIED_TOPIC,
     CMD_VEL_TOPIC,
     IMAGE_TOPIC,
     NODE_NAME,
@@ -71,9 +77,13 @@ from malpi_ros.runtime.actions import twist_for
 from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
 from malpi_ros.runtime.node_stats import NodeStats
 from malpi_ros.runtime.policy import Policy
+from malpi_ros.runtime.takeover import SOURCES, OverrideWatch
 
 LOG_PERIOD = 2.0  # s between repeated logs of one kind of bad frame or error
 FLUSH_TIMEOUT = 1.0  # s to wait for the final zero Twist to be acknowledged
+# s: an ~/applied report older than this flags nothing (the driver reports at 10 Hz and at
+# every change; a driver that died mid-takeover must not flag the rest of the drive).
+APPLIED_STALE = 1.0
 EXECUTOR_THREADS = 3  # one per callback group
 
 # Sensor data, depth 1: the LSTM must step on the newest frame; a queue would feed it frames
@@ -152,6 +162,7 @@ class PolicyNode(Node):
         # Set by ~/enable true, applied by the next step before it runs: the first command after
         # enabling comes from a zero state, whatever step was in flight during the call.
         self._reset_pending = False
+        self._override = OverrideWatch(APPLIED_STALE)  # guarded by _cmd_lock
 
         image_group = MutuallyExclusiveCallbackGroup()  # steps are serialized anyway
         service_group = MutuallyExclusiveCallbackGroup()
@@ -164,6 +175,10 @@ class PolicyNode(Node):
         msg_type = CompressedImage if self.cfg.compressed else Image
         self._image_sub = self.create_subscription(
             msg_type, IMAGE_TOPIC, self._on_image, IMAGE_QOS, callback_group=image_group
+        )
+        # Reliable depth 10, as the driver publishes it: a takeover's start and end both count.
+        self.create_subscription(
+            AppliedCommand, APPLIED_TOPIC, self._on_applied, 10, callback_group=service_group
         )
         self.create_service(Trigger, '~/reset', self._on_reset, callback_group=service_group)
         self.create_service(SetBool, '~/enable', self._on_enable, callback_group=service_group)
@@ -281,6 +296,7 @@ class PolicyNode(Node):
         out.step = result.step
         out.inference_ms = result.inference_ms
         out.enabled = commanded
+        out.overridden = self._overridden()
         self._output.publish(out)
         done = time.perf_counter_ns()
         self.stats.timed(
@@ -297,7 +313,7 @@ class PolicyNode(Node):
             return self._epoch
 
     def _take_epoch(self) -> int:
-        """The epoch a step runs in; applies a reset that ~/enable asked for, first."""
+        """The epoch a step runs in; first applies a reset asked for by ~/enable or a hand-back."""
         with self._cmd_lock:
             if self._reset_pending:
                 self.policy.reset()
@@ -313,6 +329,24 @@ class PolicyNode(Node):
             if feed:
                 self._silence.feed(time.monotonic())
             return True
+
+    # -- takeover --------------------------------------------------------------------------
+
+    def _on_applied(self, msg: AppliedCommand) -> None:
+        source = SOURCES[msg.source] if msg.source < len(SOURCES) else f'source {msg.source}'
+        with self._cmd_lock:
+            ended = self._override.applied(source, time.monotonic())
+            if ended and self.cfg.reset_on_handback:
+                self._reset_pending = True  # applied by the next step, before it runs
+        if ended:
+            self.get_logger().info(
+                f'takeover ended (control: {source})'
+                + ('; LSTM state reset before the next step' if self.cfg.reset_on_handback else '')
+            )
+
+    def _overridden(self) -> bool:
+        with self._cmd_lock:
+            return self._override.overridden(time.monotonic())
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -336,6 +370,7 @@ class PolicyNode(Node):
                 ('precision', self.policy.precision),
                 ('bundle', self.cfg.bundle),
                 ('dt_s', f'{self.policy.dt:g}'),
+                ('takeovers', str(self._override.takeovers)),
             ),
         )
         status = DiagnosticStatus()

@@ -26,8 +26,10 @@ from malpi_ros.runtime.policy import BACKENDS
 NODE_NAME = 'policy_node'
 IMAGE_TOPIC = 'image'  # relative: remapped to the camera topic in launch files
 CMD_VEL_TOPIC = 'cmd_vel'
+# motor_driver_node's ~/applied (AppliedCommand): remapped to /motor_driver_node/applied.
+APPLIED_TOPIC = 'applied'
 # Topics the node subscribes or publishes under relative names (launch files may remap these).
-TOPICS = (IMAGE_TOPIC, CMD_VEL_TOPIC)
+TOPICS = (IMAGE_TOPIC, CMD_VEL_TOPIC, APPLIED_TOPIC)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class PolicyNodeConfig:
     ``respect_dt``: step at most once per bundle ``dt`` (frames closer than 0.8*dt skipped).
     ``reset_every_frame``: the ablation of the demo: zero the state before every step, so the
     policy sees one frame at a time and its memory cannot help.
+    ``reset_on_handback``: zero the state when a teleop takeover ends (the driver's ``applied``
+    goes from teleop to another source). Off by default: the policy steps on every frame during
+    a takeover, so its state is as current as in a drive without one (README "Takeover").
     """
 
     bundle: str
@@ -63,6 +68,7 @@ class PolicyNodeConfig:
     diagnostics_period: float = 1.0
     reset_every_frame: bool = False
     respect_dt: bool = True
+    reset_on_handback: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bundle, str) or not self.bundle.strip():
@@ -89,7 +95,13 @@ class PolicyNodeConfig:
         positive('stop_after', self.stop_after)
         positive('reset_after_gap', self.reset_after_gap)
         positive('diagnostics_period', self.diagnostics_period)
-        for name in ('compressed', 'start_enabled', 'reset_every_frame', 'respect_dt'):
+        for name in (
+            'compressed',
+            'start_enabled',
+            'reset_every_frame',
+            'respect_dt',
+            'reset_on_handback',
+        ):
             flag(name, getattr(self, name))
 
     def selector(self) -> ActionSelector:
@@ -180,6 +192,10 @@ PARAMETERS: dict[str, ParamSpec] = {
     'respect_dt': ParamSpec(
         _DEFAULTS['respect_dt'],
         "step at most once per the bundle's dt; faster frames are skipped",
+    ),
+    'reset_on_handback': ParamSpec(
+        _DEFAULTS['reset_on_handback'],
+        'zero the LSTM state when a teleop takeover ends (applied: teleop -> policy or stop)',
     ),
 }
 PARAMETER_NAMES = tuple(PARAMETERS)

@@ -25,6 +25,12 @@ Topics (relative names, remapped in launch files):
   event and reset. JSON, not a diagnostic array, because its consumers (the demo, tests,
   ``ros2 topic echo``) want lists - fork decisions, lap times, off-track positions - that
   DiagnosticStatus key/value strings would flatten. Keys: see ``progress_report``.
+- out, with ``supervisor:=true``: ``teleop/cmd_vel`` (geometry_msgs/Twist) - the simulated
+  person of the DAgger rounds (``sim.supervisor``): after each tick, when the robot has left
+  the expert's tolerance around this lap's route, the expert's action as a Twist, until the
+  robot is back; nothing while the policy may drive. It reaches ``motor_driver_node``'s
+  ``teleop/cmd_vel`` like a joystick's, so takeovers are arbitrated, applied and recorded as
+  on a robot. Progress reports count its ``takeovers``.
 - service ``~/reset`` (std_srvs/Trigger): back to the start line with counters zeroed, the world
   reseeded with ``seed`` (the same cue sequence as at start-up, so runs compare lap for lap).
 
@@ -63,7 +69,9 @@ from malpi_ros.nodes.params import ParamSpec
 from malpi_ros.nodes.runner import declare_parameters, freeze_use_sim_time, run_node, steady_timer
 from malpi_ros.runtime.image import encode_image_fields
 from malpi_ros.sim.camera import CameraConfig
+from malpi_ros.sim.expert import Expert
 from malpi_ros.sim.robot import Pose, RobotConfig
+from malpi_ros.sim.supervisor import Supervisor
 from malpi_ros.sim.world import SimConfig, SimWorld, WorldStep
 
 NODE_NAME = 'sim_node'
@@ -94,6 +102,7 @@ class SimNodeConfig:
     progress_period: float = 1.0
     progress_file: str = ''
     start_on_command: bool = True
+    supervisor: bool = False
 
     def __post_init__(self) -> None:
         positive('rate', self.rate)
@@ -276,6 +285,10 @@ PARAMETERS: dict[str, ParamSpec] = {
         _D.start_on_command,
         'sim time stands still (frames still go out) until the first command that moves',
     ),
+    'supervisor': ParamSpec(
+        _D.supervisor,
+        'a simulated person: the expert takes over on teleop/cmd_vel when the robot strays',
+    ),
 }
 
 
@@ -298,6 +311,12 @@ class SimNode(Node):
         self._off_track_at: list[tuple[float, float]] = []
         self._decision_at: list[tuple[float, float]] = []
         self._progress_path = Path(self.cfg.progress_file) if self.cfg.progress_file else None
+        self._supervisor: Supervisor | None = None
+        if self.cfg.supervisor:
+            world = self.world
+            self._supervisor = Supervisor(Expert(world.track, world.actions, world.config.expert))
+            # Reliable depth 10, as teleop_twist_keyboard and teleop_twist_joy publish.
+            self._teleop_pub = self.create_publisher(Twist, 'teleop/cmd_vel', 10)
 
         # Sensor-data QoS (best effort, keep last 1): what camera drivers offer, and what
         # policy_node subscribes with - the newest frame matters, old ones are worthless.
@@ -341,6 +360,8 @@ class SimNode(Node):
         with self._lock:
             before = self.world.summary()
             self.world.reset(self.cfg.seed)
+            if self._supervisor is not None:
+                self._supervisor.reset()
             self._started = not self.cfg.start_on_command
             self._resets += 1
             self._lap_times.clear()
@@ -376,6 +397,14 @@ class SimNode(Node):
                 result = self.world.step_twist(a, b)
             self._ticks += 1
             event = self._note(result)
+            action = None
+            if self._supervisor is not None:
+                action = self._supervisor.act(self.world.pose, self.world.target_branch)
+        if action is not None:
+            chosen = self.world.actions.actions[action]
+            twist = Twist()
+            twist.linear.x, twist.angular.z = chosen.linear_x, chosen.angular_z
+            self._teleop_pub.publish(twist)
         self._publish_frame()
         if event:
             self._publish_progress()
@@ -424,7 +453,7 @@ class SimNode(Node):
 
     def progress(self) -> dict[str, Any]:
         with self._lock:
-            return progress_report(
+            report = progress_report(
                 self.world,
                 lap_times=list(self._lap_times),
                 off_track_at=list(self._off_track_at),
@@ -434,6 +463,9 @@ class SimNode(Node):
                 stale_ticks=self._stale_ticks,
                 started=self._started,
             )
+            if self._supervisor is not None:
+                report['takeovers'] = self._supervisor.takeovers  # since the last ~/reset
+            return report
 
     def close(self) -> None:
         """Last words (``runner.run_node``): one more progress report, so a reader of

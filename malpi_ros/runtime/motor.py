@@ -91,15 +91,23 @@ def wheel_throttles(
     return left, right
 
 
+def clamp_command(linear_x: float, angular_z: float, cfg: MotorConfig) -> tuple[float, float]:
+    """The body command the driver executes: clamped to the limits; non-finite is a stop.
+
+    What ``~/applied`` reports as the command, so a recording is labelled with what moved the
+    robot, not with what was asked for.
+    """
+    if not (math.isfinite(linear_x) and math.isfinite(angular_z)):
+        return 0.0, 0.0
+    return _clamp(float(linear_x), cfg.max_linear), _clamp(float(angular_z), cfg.max_angular)
+
+
 def mix(linear_x: float, angular_z: float, cfg: MotorConfig) -> tuple[float, float]:
     """The driver's command: clamped to the limits, ``wheel_throttles``, deadband, wiring.
 
     A non-finite command is a stop.
     """
-    if not (math.isfinite(linear_x) and math.isfinite(angular_z)):
-        return 0.0, 0.0
-    v = _clamp(float(linear_x), cfg.max_linear)
-    w = _clamp(float(angular_z), cfg.max_angular)
+    v, w = clamp_command(linear_x, angular_z, cfg)
     left, right = wheel_throttles(v, w, cfg.track_width, cfg.max_wheel_speed)
     left = 0.0 if abs(left) < cfg.deadband else left
     right = 0.0 if abs(right) < cfg.deadband else right

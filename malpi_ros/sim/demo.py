@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[2]  # the source tree, when nothing is i
 # The graph of launch/sim.launch.py (test_demo checks the two agree).
 REMAPS = {
     'sim_node': [('wheels', '/motor_driver_node/wheels')],
-    'policy_node': [('image', '/camera/image_raw')],
+    'policy_node': [('image', '/camera/image_raw'), ('applied', '/motor_driver_node/applied')],
     'motor_driver_node': [],
 }
 RECORDED_TOPICS = ('/sim_node/pose', '/sim_node/progress', '/policy_node/output', '/cmd_vel')
