@@ -260,6 +260,11 @@ class TrainConfig:
     # Early stopping never acts before this epoch: learning to remember starts on a plateau.
     min_epochs: int = 10
     class_weighting: bool = True
+    # Stop after the first epoch whose validation accuracy (scored steps) reaches this, even
+    # before min_epochs: "good enough" is known in advance where the scored steps are the
+    # decisions that need memory (the simulator's drives end at the fork). None: every epoch,
+    # with early stopping on val_loss.
+    target_val_accuracy: float | None = None
     # Rare actions weigh more, but at most this many times the commonest.
     class_weight_cap: float = 10.0
     # none: one process, its default device; mirrored: tf.distribute.MirroredStrategy over
@@ -281,6 +286,11 @@ class TrainConfig:
             )
         int_at_least('min_epochs', self.min_epochs, 0)
         flag('class_weighting', self.class_weighting)
+        target = self.target_val_accuracy
+        if target is not None and not (is_number(target) and 0.0 < target <= 1.0):
+            raise ConfigError(
+                f'target_val_accuracy must be a number in (0, 1] or null, got {target!r}'
+            )
         if not (is_number(self.class_weight_cap) and self.class_weight_cap >= 1):
             raise ConfigError(f'class_weight_cap must be >= 1, got {self.class_weight_cap!r}')
         int_at_least('batch_size', self.batch_size, 1)

@@ -78,6 +78,7 @@ def build_configs(
         'patience',
         'min_epochs',
         'class_weighting',
+        'target_val_accuracy',
         'distribute',
         'xla',
     ):

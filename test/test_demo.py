@@ -177,6 +177,26 @@ def test_segments_are_one_window_long_and_end_just_past_the_fork(tmp_path):
     assert track.fork_start < track.decide_s  # (the segment ends before a decision is counted)
 
 
+def test_two_recording_workers_write_the_same_bag_message_for_message(tmp_path):
+    # One lap episode and three drives: worker chunks of 4 episodes split them unevenly.
+    cfg = RecordConfig(episodes=1, laps=1, segments=3, segment_frames=20, seed=5,
+                       image_format='jpeg')  # fmt: skip
+    seen: list[int] = []
+    one = record_expert(tmp_path / 'one', cfg)
+    two = record_expert(tmp_path / 'two', cfg, workers=2, progress=lambda e, _: seen.append(e))
+    assert seen == [0, 1, 2, 3] and one.summaries == two.summaries
+    assert one.frames == two.frames > 60
+    for topic in ('/camera/image_raw/compressed', '/cmd_vel'):
+        with bags.open_bag(tmp_path / 'one') as a, bags.open_bag(tmp_path / 'two') as b:
+            first = [(t, bytes(m.data) if hasattr(m, 'data') else repr(m))
+                     for t, m in a.messages(topic)]  # fmt: skip
+            second = [(t, bytes(m.data) if hasattr(m, 'data') else repr(m))
+                      for t, m in b.messages(topic)]  # fmt: skip
+        assert first == second and len(first) == one.frames
+    with pytest.raises(demo.ConfigError, match='record workers must be an integer >= 1, got 0'):
+        record_expert(tmp_path / 'none', cfg, workers=0)
+
+
 def test_jpeg_recording_is_image_transports_compressed_topic_of_the_same_frames(tmp_path):
     cfg = RecordConfig(episodes=0, segments=1, segment_frames=12, image_format='jpeg', seed=3)
     record_expert(tmp_path / 'jpeg', cfg)

@@ -21,8 +21,8 @@ from support import NODE_DIR, limit_file_size, ros_env, small_disk
 
 from malpi_ros import cli, diskspace
 from malpi_ros.bagio.reader import storage_files
-from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig
-from malpi_ros.errors import DatasetError
+from malpi_ros.config import ActionTable, DatasetConfig, PreprocessConfig, TrainConfig
+from malpi_ros.errors import ConfigError, DatasetError
 from malpi_ros.learn import train as train_module
 from malpi_ros.learn.dataset import load_recordings
 from malpi_ros.learn.pipeline import WindowSource, class_weights, make_dataset
@@ -239,20 +239,34 @@ def test_no_validation_split_trains_and_scores_on_training_windows(tmp_path):
     assert metrics['epochs_run'] == 2 and metrics['accuracy'] is not None
 
 
-def test_the_model_learns_what_is_in_the_data(tmp_path):
+def test_the_model_learns_what_is_in_the_data_and_stops_at_the_target(tmp_path):
     """The commanded action is drawn in every frame (a coloured bar): > 90% on held-out
-    episodes after a few epochs."""
+    episodes after a few epochs; --target-val-accuracy ends training at the first epoch that
+    reaches it, long before the 40 allowed."""
     bags = []
     for i in range(5):
         drive = synthetic_drive(60, seed=10 + i, start=1000.0 + 100 * i)
         bags.append(write_bag(tmp_path / f'd{i}', frames=drive.frames, commands=drive.commands))
     out = tmp_path / 'bundle'
-    config = tiny_config(tmp_path, epochs=8, lr=3e-3)
-    assert run_train(*bags, '--out', out, '--config', config, '--val-fraction', '0.2') == 0
+    config = tiny_config(tmp_path, epochs=40, lr=3e-3)
+    code = run_train(*bags, '--out', out, '--config', config, '--val-fraction', '0.2',
+                     '--target-val-accuracy', '0.95')  # fmt: skip
+    assert code == 0
     metrics = load_bundle(out).metadata['metrics']
     print(f'validation accuracy {metrics["accuracy"]:.3f} after {metrics["epochs_run"]} epochs')
     assert metrics['scored_on'] == 'validation'
     assert metrics['accuracy'] > 0.9
+    assert metrics['target_val_accuracy'] == 0.95
+    assert metrics['target_reached_epoch'] == metrics['epochs_run'] < 40
+    with (out / 'history.csv').open() as f:
+        val = [float(row['val_accuracy']) for row in csv.DictReader(f)]
+    assert val[-1] >= 0.95 and max(val[:-1], default=0.0) < 0.95  # the first epoch to reach it
+    summary = (out / 'summary.txt').read_text()
+    assert f'target validation accuracy 0.95: reached at epoch {len(val)}' in summary
+    for bad in (0, 1.5, 'high'):
+        with pytest.raises(ConfigError, match=f'target_val_accuracy must be a number in'
+                           rf' \(0, 1\] or null, got {bad!r}'):  # fmt: skip
+            TrainConfig(target_val_accuracy=bad)
 
 
 def test_the_example_config_file_is_valid_and_holds_the_recipe():

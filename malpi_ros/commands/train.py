@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--patience', type=int, help='early stopping patience (epochs)')
     group.add_argument('--min-epochs', type=int, help='no early stop before this epoch')
     group.add_argument(
+        '--target-val-accuracy',
+        type=float,
+        help='stop after the first epoch whose validation accuracy reaches this',
+    )
+    group.add_argument(
         '--no-class-weights',
         action='store_false',
         dest='class_weighting',

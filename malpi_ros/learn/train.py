@@ -206,6 +206,29 @@ def format_duration(seconds: float) -> str:
     return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
 
 
+class StopAtTarget(keras.callbacks.Callback):
+    """Ends training after the first epoch whose ``monitor`` reaches ``target`` (and says so):
+    where the scored steps are the decisions that need memory, reaching the accuracy they need
+    is the end, and the epochs after it cost minutes on a small machine for nothing."""
+
+    def __init__(self, monitor: str, target: float, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.target = target
+        self.log = log
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and float(value) >= self.target:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            self.log(
+                f'{self.monitor} {float(value):.4f} reached the target {self.target:g} at '
+                f'epoch {epoch + 1}: training stops'
+            )
+
+
 class BestWeights(keras.callbacks.Callback):
     """Keeps the weights of the best epoch (lowest ``monitor``) and restores them at the end.
 
@@ -343,7 +366,10 @@ def train(
         scored_name = 'validation' if prepared.val is not None else 'training (no validation)'
         true, pred = _score(fit_model, prepared, policy, train_cfg.batch_size)
         scores = classification_metrics(true, pred, policy.actions.names)
-        metrics = _metrics(scores, scored_name, history, best, prepared, policy, dataset)
+        metrics = _metrics(
+            scores, scored_name, history, best, prepared, policy, dataset,
+            train_cfg.target_val_accuracy,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         summary = _summary(prepared, policy, dataset, train_cfg, metrics, fit_seconds, seconds)
         _write_reports(staging, out.name, summary, history, scores.matrix, policy, scored_name)
@@ -441,6 +467,10 @@ def _fit(
         patience=train_cfg.patience,
         start_from_epoch=min(train_cfg.min_epochs, train_cfg.epochs),
     )
+    targets: list[keras.callbacks.Callback] = []
+    if train_cfg.target_val_accuracy is not None:
+        monitor_accuracy = 'val_accuracy' if val_ds is not None else 'accuracy'
+        targets.append(StopAtTarget(monitor_accuracy, train_cfg.target_val_accuracy, log))
     resuming: list[keras.callbacks.Callback] = []
     csv_path = history_path
     if backup is not None:
@@ -456,6 +486,7 @@ def _fit(
     fit_callbacks = [
         best,
         stopper,
+        *targets,
         keras.callbacks.CSVLogger(str(csv_path), append=csv_path != history_path),
         *callbacks,
         *resuming,
@@ -522,15 +553,20 @@ def _metrics(
     prepared: Prepared,
     policy: PolicyConfig,
     dataset: DatasetConfig,
+    target: float | None = None,
 ) -> dict[str, Any]:
     """The bundle's ``metrics``: scores on the held-out episodes and how training went."""
     names = policy.actions.names
+    accuracies = history.get('val_accuracy') or history.get('accuracy') or []
+    reached = [i + 1 for i, a in enumerate(accuracies) if target is not None and a >= target]
     metrics = {
         'scored_on': scored_name,
         'accuracy': scores.accuracy if scores.total else None,
         'best_epoch': best.best_epoch + 1 if best.weights is not None else None,
         'best_' + best.monitor: _finite(best.best) if best.weights is not None else None,
         'epochs_run': len(history.get('loss', [])),
+        'target_val_accuracy': target,
+        'target_reached_epoch': reached[0] if reached else None,
         'per_class': scores.to_dict()['per_class'],
         'confusion': scores.matrix.tolist(),
         'class_weights': {n: float(w) for n, w in zip(names, prepared.weights, strict=True)},
@@ -743,6 +779,13 @@ def _summary(
         ),
         f'  fit time: {fit_seconds:.1f} s, total {seconds:.1f} s',
     ]
+    if train_cfg.target_val_accuracy is not None:
+        epoch = metrics['target_reached_epoch']
+        lines.insert(
+            -1,
+            f'  target validation accuracy {train_cfg.target_val_accuracy:g}: '
+            + (f'reached at epoch {epoch}' if epoch else 'not reached'),
+        )
     for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
         value = metrics.get(f'{key}_at_best')
         if value is not None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import MalpiError
-from malpi_ros.sim.record import RecordConfig, record_expert
+from malpi_ros.sim.record import RecordConfig, record_expert, recording_workers
 from malpi_ros.sim.track import HORIZONS, TrackConfig
 from malpi_ros.sim.world import SimConfig
 
@@ -138,7 +138,8 @@ def run_compare(
         bag = run_dir / f'{horizon}_bag'
         started = time.monotonic()
         _, lstm_dataset, _ = build_configs(read_config_file(train_config), {}, str(train_config))
-        recorded = record_expert(bag, recording_for(horizon, record, lstm_dataset.seq_len), sim)
+        recording = recording_for(horizon, record, lstm_dataset.seq_len)
+        recorded = record_expert(bag, recording, sim, workers=recording_workers())
         log(
             f'{horizon}: recorded {recorded.frames} expert frames in '
             f'{time.monotonic() - started:.0f} s'

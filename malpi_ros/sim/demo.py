@@ -46,7 +46,7 @@ from malpi_ros.errors import ConfigError, MalpiError
 from malpi_ros.processes import SHARE_DIR, installed, ros_env, stop_process
 from malpi_ros.runtime.node_stats import percentile
 from malpi_ros.sim.plot import plot_trajectories
-from malpi_ros.sim.record import RecordConfig, RecordResult, record_expert
+from malpi_ros.sim.record import RecordConfig, RecordResult, record_expert, recording_workers
 from malpi_ros.sim.track import get_track
 from malpi_ros.sim.world import SimConfig, SimWorld
 
@@ -466,7 +466,7 @@ def record_step(run_dir: Path, cfg: RecordConfig, log: Callable[[str], None]) ->
         if episode + 1 == cfg.episodes or episode + 1 == cfg.episodes + cfg.segments:
             log(f'  {episode + 1} episodes recorded')
 
-    result = record_expert(bag, cfg, SimConfig(), progress=progress)
+    result = record_expert(bag, cfg, SimConfig(), progress=progress, workers=recording_workers())
     right, forks = result.forks
     log(
         f'  {result.frames} frames ({result.duration / 60:.1f} min of driving) in '

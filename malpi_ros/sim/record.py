@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
+import os
 import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,15 +183,20 @@ def image_cdr(store: Any, rgb: np.ndarray, ns: int, frame_id: str) -> bytes:
     return bytes(store.serialize_cdr(msg, IMAGE_TYPE))
 
 
-def jpeg_cdr(store: Any, rgb: np.ndarray, ns: int, frame_id: str, quality: int) -> bytes:
-    """A sensor_msgs/CompressedImage (jpeg) stamped ``ns`` nanoseconds, serialized as CDR."""
+def jpeg_data(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """The JPEG bytes (uint8, 1-D) of an RGB frame: what a CompressedImage carries."""
     ok, buf = cv2.imencode(
         '.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
     )
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 RGB image
         raise BagError(f'cannot encode a {rgb.shape} frame as JPEG')
+    return buf.reshape(-1)
+
+
+def jpeg_cdr(store: Any, jpeg: np.ndarray, ns: int, frame_id: str) -> bytes:
+    """A sensor_msgs/CompressedImage of ``jpeg`` bytes stamped ``ns`` ns, serialized as CDR."""
     header = store.types['std_msgs/msg/Header'](stamp=_stamp(store, ns), frame_id=frame_id)
-    msg = store.types[COMPRESSED_TYPE](header=header, format='jpeg', data=buf.reshape(-1))
+    msg = store.types[COMPRESSED_TYPE](header=header, format='jpeg', data=jpeg)
     return bytes(store.serialize_cdr(msg, COMPRESSED_TYPE))
 
 
@@ -234,32 +241,29 @@ def record_expert(
     sim: SimConfig | None = None,
     *,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
+    workers: int = 1,
 ) -> RecordResult:
     """Drive the expert and write the bag ``out``: ``episodes`` x ``laps`` laps, then
     ``segments`` short drives through cue and fork.
 
     ``out`` must not exist (rosbags refuses to overwrite; so do we). ``progress`` is called
     with (episode index, that episode's summary) after each episode. A bag that could not be
-    finished is removed rather than left half-written.
+    finished is removed rather than left half-written. ``workers`` > 1 drives and encodes the
+    episodes in that many processes (each episode has its own seed, so the bag is the same
+    message for message); this process writes them in order.
     """
     config = config or RecordConfig()
     sim = sim or SimConfig()
     out = Path(out)
     if out.exists():
         raise BagError(f'{out} exists; recording never overwrites a bag')
-    world = SimWorld(sim, seed=config.seed)
+    int_at_least('record workers', workers, 1)
     tape = _Tape(out, config, sim)
     summaries: list[dict[str, Any]] = []
     try:
-        for episode in range(config.episodes + config.segments):
-            seed = config.seed * 1000 + episode
-            world.reset(seed)
-            disturbance = _Disturbance(config, world, seed)
-            if episode < config.episodes:
-                _laps(world, tape, disturbance, config, episode)
-            else:
-                _segment(world, tape, disturbance, config, seed, episode)
-            summary = world.summary()
+        for episode, (frames, summary) in enumerate(_driven(out, config, sim, workers)):
+            for payload, command in frames:
+                tape.write(payload, command)
             summaries.append(summary)
             if progress is not None:
                 progress(episode, summary)
@@ -274,6 +278,65 @@ def record_expert(
     return RecordResult(out, tape.frames, tape.frames * sim.dt, tuple(summaries))
 
 
+def recording_workers() -> int:
+    """One recording process per core this process may run on: the recording is CPU-bound
+    (rendering, noise, JPEG) and nothing else runs while it does."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+# (encoded frame: JPEG bytes or the RGB array, the expert's action index) per frame of an
+# episode, and the episode's summary.
+Driven = tuple[list[tuple[np.ndarray, int]], dict[str, Any]]
+
+
+def _driven(out: Path, config: RecordConfig, sim: SimConfig, workers: int) -> Iterator[Driven]:
+    """Every episode driven and encoded, in order: here, or in ``workers`` processes."""
+    count = config.episodes + config.segments
+    if workers == 1 or count < 2:
+        world = SimWorld(sim, seed=config.seed)
+        yield from (_drive_episode(world, out, config, e) for e in range(count))
+        return
+    # spawn, not fork: the caller may hold threads (a ROS context, TensorFlow's pools).
+    context = multiprocessing.get_context('spawn')
+    with context.Pool(
+        min(workers, count), initializer=_start_worker, initargs=(out, config, sim)
+    ) as pool:
+        yield from pool.imap(_worker_episode, range(count), chunksize=4)
+
+
+_WORKER: tuple[SimWorld, Path, RecordConfig] | None = None
+
+
+def _start_worker(out: Path, config: RecordConfig, sim: SimConfig) -> None:
+    global _WORKER
+    _WORKER = (SimWorld(sim, seed=config.seed), out, config)
+
+
+def _worker_episode(episode: int) -> Driven:
+    assert _WORKER is not None, 'a recording worker runs _start_worker first'
+    world, out, config = _WORKER
+    return _drive_episode(world, out, config, episode)
+
+
+def _drive_episode(world: SimWorld, out: Path, config: RecordConfig, episode: int) -> Driven:
+    """Episode ``episode`` from ``SimWorld.reset`` with its own seed, frames encoded as the
+    bag stores them."""
+    seed = config.seed * 1000 + episode
+    world.reset(seed)
+    disturbance = _Disturbance(config, world, seed)
+    frames: list[tuple[np.ndarray, int]] = []
+
+    def keep(frame: np.ndarray, command: int) -> None:
+        jpeg = config.image_format == 'jpeg'
+        frames.append((jpeg_data(frame, config.jpeg_quality) if jpeg else frame, command))
+
+    if episode < config.episodes:
+        _laps(world, out, disturbance, config, episode, keep)
+    else:
+        _segment(world, out, disturbance, config, seed, episode, keep)
+    return frames, world.summary()
+
+
 def _expert_step(world: SimWorld, disturbance: _Disturbance) -> tuple[np.ndarray, int]:
     """Render, let the expert command, move (disturbed or not); the frame and the command."""
     frame = world.render()
@@ -282,27 +345,36 @@ def _expert_step(world: SimWorld, disturbance: _Disturbance) -> tuple[np.ndarray
     return frame, command
 
 
+Keep = Callable[[np.ndarray, int], None]
+
+
 def _laps(
-    world: SimWorld, tape: _Tape, disturbance: _Disturbance, config: RecordConfig, episode: int
+    world: SimWorld,
+    out: Path,
+    disturbance: _Disturbance,
+    config: RecordConfig,
+    episode: int,
+    keep: Keep,
 ) -> None:
     limit = math.ceil(config.laps * config.max_lap_time / world.config.dt)
     for _ in range(limit):
         if world.laps >= config.laps:
             return
-        tape.write(*_expert_step(world, disturbance), world)
+        keep(*_expert_step(world, disturbance))
     raise BagError(
-        f'{tape.out}: episode {episode} did not finish {config.laps} laps in '
+        f'{out}: episode {episode} did not finish {config.laps} laps in '
         f'{config.laps * config.max_lap_time:.0f} s of sim time ({world.summary()})'
     )
 
 
 def _segment(
     world: SimWorld,
-    tape: _Tape,
+    out: Path,
     disturbance: _Disturbance,
     config: RecordConfig,
     seed: int,
     episode: int,
+    keep: Keep,
 ) -> None:
     """The last ``segment_frames`` frames before a point just past the fork's start."""
     track = world.track
@@ -324,11 +396,11 @@ def _segment(
             buffer.append(_expert_step(world, disturbance))
     if world.laps > 0 or len(buffer) < config.segment_frames:
         raise BagError(
-            f'{tape.out}: segment {episode} did not reach the fork with '
+            f'{out}: segment {episode} did not reach the fork with '
             f'{config.segment_frames} frames ({world.summary()})'
         )
     for frame, command in buffer:
-        tape.write(frame, command, world)
+        keep(frame, command)
 
 
 class _Tape:
@@ -337,6 +409,7 @@ class _Tape:
     def __init__(self, out: Path, config: RecordConfig, sim: SimConfig) -> None:
         self.out = out
         self.config = config
+        self.actions = sim.actions
         self.dt_ns = round(sim.dt * 1e9)
         self.t_ns = round(config.start_time * 1e9)
         self.frames = 0
@@ -352,12 +425,13 @@ class _Tape:
         self.cmd = config.cmd_topic
         self.writer.add_topic(self.cmd, TWIST_TYPE)
 
-    def write(self, frame: np.ndarray, command: int, world: SimWorld) -> None:
-        """One frame and its command, both stamped with the frame's sim time."""
-        action = world.actions.actions[command]
+    def write(self, frame: np.ndarray, command: int) -> None:
+        """One frame (JPEG bytes or RGB, as ``image_format`` says) and its command, both
+        stamped with the frame's sim time."""
+        action = self.actions.actions[command]
         t, cfg = self.t_ns, self.config
         if cfg.image_format == 'jpeg':
-            data = jpeg_cdr(self.store, frame, t, cfg.frame_id, cfg.jpeg_quality)
+            data = jpeg_cdr(self.store, frame, t, cfg.frame_id)
         else:
             data = image_cdr(self.store, frame, t, cfg.frame_id)
         self.writer.write(self.image, t, data)
