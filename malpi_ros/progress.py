@@ -13,6 +13,11 @@ from tqdm import tqdm
 T = TypeVar('T')
 
 
+def format_duration(seconds: float) -> str:
+    """'45 s', '3.2 min': the time left of a long step, as its progress lines print it."""
+    return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
+
+
 def progress(
     items: Iterable[T], *, total: int, desc: str, unit: str = 'it', stream: TextIO | None = None
 ) -> Iterator[T]:

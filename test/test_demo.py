@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 from datetime import datetime
 
@@ -195,6 +196,16 @@ def test_two_recording_workers_write_the_same_bag_message_for_message(tmp_path):
         assert first == second and len(first) == one.frames
     with pytest.raises(demo.ConfigError, match='record workers must be an integer >= 1, got 0'):
         record_expert(tmp_path / 'none', cfg, workers=0)
+
+
+def test_the_recording_step_prints_its_progress_with_the_time_left(tmp_path):
+    lines: list[str] = []
+    cfg = RecordConfig(episodes=0, segments=4, segment_frames=10, seed=2)
+    result = demo.record_step(tmp_path, cfg, lines.append)
+    assert (tmp_path / 'expert_bag').is_dir() and result.frames == 40
+    counts = [re.match(r'  (\d+)/4 episodes recorded, ~\d+ s left$', line) for line in lines[:-1]]
+    assert [int(m.group(1)) for m in counts if m] == [1, 2, 3, 4], lines
+    assert lines[-1].startswith('  40 frames (0.1 min of driving) in ')
 
 
 def test_jpeg_recording_is_image_transports_compressed_topic_of_the_same_frames(tmp_path):

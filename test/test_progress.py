@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from malpi_ros.progress import progress
+from malpi_ros.progress import format_duration, progress
 
 
 class Terminal(io.StringIO):
@@ -26,3 +26,9 @@ def test_a_log_or_a_pipe_gets_nothing():
     stream = io.StringIO()
     assert list(progress(iter('abc'), total=3, desc='evaluating', stream=stream)) == list('abc')
     assert stream.getvalue() == ''
+
+
+def test_time_left_reads_in_seconds_then_minutes():
+    assert format_duration(45.4) == '45 s'
+    assert format_duration(89.6) == '90 s'
+    assert format_duration(90.0) == '1.5 min' and format_duration(605) == '10.1 min'

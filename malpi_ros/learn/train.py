@@ -60,6 +60,7 @@ from malpi_ros.learn.pipeline import (
     make_chunk_dataset,
     make_dataset,
 )
+from malpi_ros.progress import format_duration
 from malpi_ros.runtime.bundle import METADATA_FILE
 
 # Adam's gradient-norm clip (the memory recipe): part of the recipe, not a setting.
@@ -199,11 +200,6 @@ def tensorboard_logs(logdir: str | Path, now: float | None = None) -> keras.call
     return keras.callbacks.TensorBoard(
         str(Path(logdir) / run), write_graph=False, profile_batch=0, update_freq='epoch'
     )
-
-
-def format_duration(seconds: float) -> str:
-    """'45 s', '3.2 min'."""
-    return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
 
 
 class StopAtTarget(keras.callbacks.Callback):

@@ -44,6 +44,7 @@ import numpy as np
 from malpi_ros.bagio import reader as bagio
 from malpi_ros.errors import ConfigError, MalpiError
 from malpi_ros.processes import SHARE_DIR, installed, ros_env, stop_process
+from malpi_ros.progress import format_duration
 from malpi_ros.runtime.node_stats import percentile
 from malpi_ros.sim.plot import plot_trajectories
 from malpi_ros.sim.record import RecordConfig, RecordResult, record_expert, recording_workers
@@ -384,7 +385,13 @@ def drive(
                 f'{report["forks"]} forks, off-track {report["off_track_events"]}'
             )
             if line != last_report:  # a line per lap, fork and off-track event
-                log(f'{line} (sim {report["time"]:.0f} s)')
+                laps = int(report['laps'])
+                left = (
+                    f', ~{format_duration((now - clock_started) / laps * (cfg.laps - laps))} left'
+                    if 0 < laps < cfg.laps
+                    else ''
+                )
+                log(f'{line} (sim {report["time"]:.0f} s{left})')
                 last_report = line
             if report['laps'] >= cfg.laps:
                 stopped_by = 'laps'
@@ -462,9 +469,14 @@ def record_step(run_dir: Path, cfg: RecordConfig, log: Callable[[str], None]) ->
     bag = run_dir / 'expert_bag'
     started = time.perf_counter()
 
+    total = cfg.episodes + cfg.segments
+    every = max(1, total // 10)
+
     def progress(episode: int, summary: dict[str, Any]) -> None:
-        if episode + 1 == cfg.episodes or episode + 1 == cfg.episodes + cfg.segments:
-            log(f'  {episode + 1} episodes recorded')
+        done = episode + 1
+        if done % every == 0 or done in (cfg.episodes, total):
+            left = (time.perf_counter() - started) / done * (total - done)
+            log(f'  {done}/{total} episodes recorded, ~{format_duration(left)} left')
 
     result = record_expert(bag, cfg, SimConfig(), progress=progress, workers=recording_workers())
     right, forks = result.forks
