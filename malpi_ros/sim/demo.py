@@ -13,7 +13,7 @@ Steps, everything under ``OUT/<timestamp>/`` (a second run never touches the fir
    plus ``malpi-ros record`` of the evaluation topics; drive until ``laps`` laps or ``time_limit``;
 4. the same with ``policy_node`` ``reset_every_frame:=true`` (no memory: the ablation);
    after each drive, the same policy mode also drives ``--offline-laps`` laps in-process
-   (``drive_offline``: no ROS, no waiting), because three forks make no rate;
+   (``drive_offline``: no ROS, no waiting), because two forks make no rate;
 5. print the table (laps, off-track events, cued branch taken / forks, mean speed, policy
    latency p50/p99) and write ``trajectories.png``, ``results.json`` and ``table.txt``.
 
