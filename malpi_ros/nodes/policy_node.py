@@ -305,6 +305,18 @@ class PolicyNode(Node):
         twist.angular.z = angular_z
         commanded = self._publish_command(twist, epoch, feed=True)
         published = time.perf_counter_ns() if commanded else 0
+        overridden = self._overridden()
+        received, preprocessed, model_done, sent = latency.on_clock(
+            now_ns, anchor, (started, result.times.normalized_ns, result.times.end_ns, published)
+        )
+        stamps = latency.PolicyStamps(
+            latency.stamp_ns(msg.header.stamp), received, preprocessed, model_done, sent
+        )
+        if sent and not overridden:
+            # Before ~/output goes out: the driver's ~/applied for this command can be back
+            # within a millisecond or two, and must find its step here.
+            with self._cmd_lock:
+                self._recent.append(stamps)
         out = PolicyOutput()
         out.header = msg.header
         out.probabilities = result.probabilities.tolist()
@@ -313,13 +325,7 @@ class PolicyNode(Node):
         out.step = result.step
         out.inference_ms = result.inference_ms
         out.enabled = commanded
-        out.overridden = self._overridden()
-        received, preprocessed, model_done, sent = latency.on_clock(
-            now_ns, anchor, (started, result.times.normalized_ns, result.times.end_ns, published)
-        )
-        stamps = latency.PolicyStamps(
-            latency.stamp_ns(msg.header.stamp), received, preprocessed, model_done, sent
-        )
+        out.overridden = overridden
         set_time(out.received, received)
         set_time(out.preprocessed, preprocessed)
         set_time(out.stepped, model_done)
@@ -327,9 +333,6 @@ class PolicyNode(Node):
         self._output.publish(out)
         done = time.perf_counter_ns()
         self.stats.stamped(stamps)
-        if sent and not out.overridden:
-            with self._cmd_lock:
-                self._recent.append(stamps)
         self.stats.timed(
             decode=(decoded - decode_started) * 1e-6,
             fit=result.times.fit_ms,
