@@ -1,5 +1,5 @@
 """The `malpi-ros` command: inspect, train, evaluate, record, play and replay-eval recordings;
-motors-off for the robot's service.
+latency of a recorded run; motors-off for the robot's service.
 
 Example:
     malpi-ros inspect my_drive_bag/
@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     'recover': ('recover', 'rebuild a recording its recorder did not finish (crash, full disk)'),
     'play': ('play', 'publish a rosbag2 recording with its original timing'),
     'replay-eval': ('replay_eval', 'play a recording through policy_node and score what it did'),
+    'latency': ('latency', 'where the milliseconds go, stage by stage, in a recorded run'),
     'motors-off': ('motors_off', 'zero and release the Motor HAT (after the driver died)'),
 }
 

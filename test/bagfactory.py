@@ -157,18 +157,38 @@ def twist_msg(t: float, linear: float, angular: float, *, stamped: bool = False)
 
 
 APPLIED_TYPE = 'malpi_ros/msg/AppliedCommand'
+OUTPUT_TYPE = 'malpi_ros/msg/PolicyOutput'
 
 
-def applied_msg(t: float, source: int, linear: float, angular: float) -> Any:
-    """motor_driver_node's ~/applied (malpi_ros/msg/AppliedCommand, stamped ``t``): its type
-    is read from the installed package's ``.msg`` file, as the recorder reads it."""
-    if APPLIED_TYPE not in _STORE.fielddefs:
+def _ours(msgtype: str) -> Any:
+    """A message class of our package: its type is read from the installed package's ``.msg``
+    file, as the recorder reads it."""
+    if msgtype not in _STORE.fielddefs:
         from malpi_ros.bagio.writer import Definitions
 
         defs = Definitions()
-        defs.definition(APPLIED_TYPE)
-        _STORE.register({APPLIED_TYPE: defs.store.fielddefs[APPLIED_TYPE]})
-    return _STORE.types[APPLIED_TYPE](
+        defs.definition(msgtype)
+        _STORE.register({msgtype: defs.store.fielddefs[msgtype]})
+    return _STORE.types[msgtype]
+
+
+def _time_ns(ns: int) -> Any:
+    sec, nanosec = divmod(int(ns), 1_000_000_000)
+    return _STORE.types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec)
+
+
+def applied_msg(
+    t: float,
+    source: int,
+    linear: float,
+    angular: float,
+    *,
+    command_ns: int = 0,
+    applied_ns: int = 0,
+) -> Any:
+    """motor_driver_node's ~/applied (malpi_ros/msg/AppliedCommand, stamped ``t``); the
+    command's publish stamp and the applied stamp in ns (0: unset)."""
+    return _ours(APPLIED_TYPE)(
         header=header(t, ''),
         source=source,
         linear_x=float(linear),
@@ -176,6 +196,34 @@ def applied_msg(t: float, source: int, linear: float, angular: float) -> Any:
         left=0.0,
         right=0.0,
         command_age=0.0,
+        command_stamp=_time_ns(command_ns),
+        applied_stamp=_time_ns(applied_ns),
+    )
+
+
+def output_msg(
+    frame_ns: int,
+    stages_ns: Sequence[int] = (0, 0, 0, 0),
+    *,
+    action: int = 1,
+    overridden: bool = False,
+) -> Any:
+    """policy_node's ~/output (malpi_ros/msg/PolicyOutput) for a frame stamped ``frame_ns``,
+    with the stage stamps received, preprocessed, stepped, published (ns; 0: unset)."""
+    received, preprocessed, stepped, published = stages_ns
+    return _ours(OUTPUT_TYPE)(
+        header=_STORE.types['std_msgs/msg/Header'](stamp=_time_ns(frame_ns), frame_id='camera'),
+        probabilities=np.array([0.1, 0.9], np.float32),
+        action=action,
+        action_name='forward',
+        step=1,
+        inference_ms=1.0,
+        enabled=bool(published),
+        overridden=overridden,
+        received=_time_ns(received),
+        preprocessed=_time_ns(preprocessed),
+        stepped=_time_ns(stepped),
+        published=_time_ns(published),
     )
 
 

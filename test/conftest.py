@@ -23,6 +23,9 @@ SLOW = {
     },
     'test_demo.py': {'test_train_one_tiny_epoch_then_drive_the_graph_for_a_few_seconds'},
     'test_launch.py': {'test_the_launch_command_line_by_hand_drives_from_the_camera_topic'},
+    'test_latency.py': {
+        'test_a_two_process_run_stamps_every_stage_in_order_and_the_report_agrees'
+    },
     'test_model.py': {
         'test_trains_at_several_batch_sizes_and_lengths_then_predicts_at_any_length'
     },

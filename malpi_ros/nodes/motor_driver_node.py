@@ -9,7 +9,11 @@ supervisor; remap it to your teleop's topic). Teleop wins while its last command
 than ``teleop_timeout``, then control returns to the policy's newest command; with no fresh
 input the motors stop. What was applied - the clamped command, the throttles, the source
 (policy, teleop, stop) - is published on ``~/applied`` (``malpi_ros/AppliedCommand``) at every
-change and at ``applied_rate``: recordings are labelled with it. Safety behaviour (DESIGN §5):
+change, for every command applied, and at ``applied_rate``: recordings are labelled with it.
+Each report carries the publish stamp of the command applied (its DDS source timestamp, from
+the subscription's message info: a Twist has no header) and when the motors got it, so a
+recording relates every applied command to the frame it came from (``runtime.latency``).
+Safety behaviour (DESIGN §5):
 
 - at start, before ``cmd_vel`` is subscribed, the motors are set to zero: a driver that was
   respawned after a crash takes over motors that may still hold the dead one's last throttle
@@ -44,6 +48,7 @@ from geometry_msgs.msg import Twist
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.subscription import MessageInfo
 from std_msgs.msg import Float32MultiArray
 
 from malpi_ros.errors import MotorError
@@ -53,6 +58,7 @@ from malpi_ros.nodes.runner import (
     declare_parameters,
     freeze_use_sim_time,
     run_node,
+    set_time,
     steady_timer,
 )
 from malpi_ros.runtime.motor import (
@@ -173,6 +179,10 @@ class MotorDriverNode(Node):
         self._applied = self.create_publisher(AppliedCommand, '~/applied', 10)
         self._reported: tuple[float, ...] | None = None  # the last ~/applied, to spot changes
         self._reported_at = 0.0
+        # Publish stamp (DDS source timestamp, ns) of each input's newest command, and the
+        # (publish stamp, applied stamp) of what the motors got last: ~/applied carries both.
+        self._sent_at = {POLICY: 0, TELEOP: 0}
+        self._last_applied = (0, 0)
 
         # reliable depth 10: tests and the simulator must see every applied command, stops too.
         self._wheels = self.create_publisher(Float32MultiArray, '~/wheels', 10)
@@ -206,15 +216,18 @@ class MotorDriverNode(Node):
             f'{err} ({self.errors} motor errors so far)', throttle_duration_sec=ERROR_LOG_PERIOD
         )
 
-    def _on_cmd_vel(self, msg: Twist) -> None:
-        self._on_input(POLICY, msg)
+    # Two parameters: rclpy then passes the message info, whose source timestamp is when the
+    # publisher sent the command (the only stamp a Twist carries).
+    def _on_cmd_vel(self, msg: Twist, info: MessageInfo) -> None:
+        self._on_input(POLICY, msg, info)
 
-    def _on_teleop(self, msg: Twist) -> None:
-        self._on_input(TELEOP, msg)
+    def _on_teleop(self, msg: Twist, info: MessageInfo) -> None:
+        self._on_input(TELEOP, msg, info)
 
-    def _on_input(self, source: str, msg: Twist) -> None:
+    def _on_input(self, source: str, msg: Twist, info: MessageInfo) -> None:
         now = time.monotonic()
         self._arbiter.feed(source, now, Velocity(msg.linear.x, msg.angular.z))
+        self._sent_at[source] = int(info['source_timestamp'])
         self._update(now, source)
 
     def _on_tick(self) -> None:
@@ -224,17 +237,27 @@ class MotorDriverNode(Node):
         """Apply what the arbiter selects: a new command of the input that drives, a hand-over
         between inputs, or the stop when none is fresh; then report it if it changed or is due."""
         chosen = self._arbiter.select(now)
+        applied = False  # a command newly given to the motors: reported, even if the same value
         if chosen.source == STOP:
             if self._driving != STOP:
                 self._stop(now)
         elif chosen.source == fed or chosen.source != self._driving:
-            self._apply(chosen)
-        if self._applied_key(chosen) != self._reported or (
-            now - self._reported_at >= self._applied_period
+            applied = self._apply(chosen)
+        if (
+            applied
+            or self._applied_key(chosen) != self._reported
+            or now - self._reported_at >= self._applied_period
         ):
             self._report_applied(now, chosen)
 
-    def _apply(self, chosen: Selection) -> None:
+    def _applied_now(self, source: str) -> None:
+        """Remember what the motors just got: the command's publish stamp (0 for a stop) and
+        the clock now."""
+        sent = self._sent_at.get(source, 0)
+        self._last_applied = (sent, self.get_clock().now().nanoseconds)
+
+    def _apply(self, chosen: Selection) -> bool:
+        """Drive the motors with the chosen command; False when the backend failed."""
         if chosen.source != self._driving and STOP not in (chosen.source, self._driving):
             self.get_logger().info(
                 'teleop took over from the policy'
@@ -247,9 +270,12 @@ class MotorDriverNode(Node):
             drive(self.backend, left, right)
         except MotorError as err:
             self._throttles = (0.0, 0.0)  # drive() stopped the backend
+            self._last_applied = (0, 0)
             self._report(err)
-            return
+            return False
         self._throttles = (left, right)
+        self._applied_now(chosen.source)
+        return True
 
     def _stop(self, now: float) -> None:
         try:
@@ -259,6 +285,7 @@ class MotorDriverNode(Node):
             return
         self._driving = STOP
         self._throttles = (0.0, 0.0)
+        self._applied_now(STOP)
         # The measured silence (last command -> this stop) is in the log: tests assert it.
         last = self._arbiter.last_input()
         if last is None:
@@ -288,6 +315,8 @@ class MotorDriverNode(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         fed = self._arbiter.fed_at(chosen.source)
         msg.command_age = 0.0 if fed is None else float(now - fed)
+        set_time(msg.command_stamp, self._last_applied[0])
+        set_time(msg.applied_stamp, self._last_applied[1])
         self._applied.publish(msg)
         self._reported = key
         self._reported_at = now
@@ -304,6 +333,7 @@ class MotorDriverNode(Node):
         if self.context.ok():
             self._driving = STOP
             self._throttles = (0.0, 0.0)
+            self._applied_now(STOP)
             self._report_applied(time.monotonic(), STOPPED)
             # The process exits right after this: wait until subscribers acknowledged the stop.
             self._wheels.wait_for_all_acked(Duration(seconds=FLUSH_TIMEOUT))

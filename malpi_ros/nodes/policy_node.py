@@ -29,7 +29,12 @@ live in pure modules tested without ROS.
   ``enabled: false``, so an operator can watch what the policy would do (and diagnostics show
   it alive) before handing it the wheels. ``true`` resets the state first, so a drive always
   starts from a zero state, and resumes commands.
-- ``/diagnostics`` every ``diagnostics_period``: rates, inference time, frame age, counts.
+- ``/diagnostics`` every ``diagnostics_period``: rates, inference time, frame age, counts, and
+  p50/p99/max of each latency stage (``runtime.latency``): the node's own from its stamps, the
+  applying one and end to end from the driver's ``applied``, matched by the command's stamp.
+- Stage stamps: each ``~/output`` carries when the frame was received, preprocessed, stepped
+  and its Twist published, on the node's clock (one clock reading per frame; the stages are
+  timed with ``time.perf_counter_ns``, as ``StepTimes`` is, and placed on the clock from it).
 - SIGINT/SIGTERM: a final zero Twist, acknowledged by the subscribers, then exit code 0. A bad
   parameter or bundle: one FATAL line naming it, exit code 2.
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -70,9 +76,10 @@ from malpi_ros.nodes.runner import (
     declare_parameters,
     freeze_use_sim_time,
     run_node,
+    set_time,
     steady_timer,
 )
-from malpi_ros.runtime import image
+from malpi_ros.runtime import image, latency
 from malpi_ros.runtime.actions import twist_for
 from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
 from malpi_ros.runtime.node_stats import NodeStats
@@ -85,6 +92,9 @@ FLUSH_TIMEOUT = 1.0  # s to wait for the final zero Twist to be acknowledged
 # every change; a driver that died mid-takeover must not flag the rest of the drive).
 APPLIED_STALE = 1.0
 EXECUTOR_THREADS = 3  # one per callback group
+# Published steps kept to match the driver's ~/applied to (live latency): the driver applies a
+# command within milliseconds, so a few frames are plenty.
+RECENT_STEPS = 16
 
 # Sensor data, depth 1: the LSTM must step on the newest frame; a queue would feed it frames
 # that are already stale and delay every command by the queue's length (DESIGN §6: a slow
@@ -163,6 +173,10 @@ class PolicyNode(Node):
         # enabling comes from a zero state, whatever step was in flight during the call.
         self._reset_pending = False
         self._override = OverrideWatch(APPLIED_STALE)  # guarded by _cmd_lock
+        # Published steps not yet seen applied, and the last command matched (its stamp): the
+        # driver repeats a report at its rate, one command counts once. Guarded by _cmd_lock.
+        self._recent: deque[latency.PolicyStamps] = deque(maxlen=RECENT_STEPS)
+        self._matched_command = 0
 
         image_group = MutuallyExclusiveCallbackGroup()  # steps are serialized anyway
         service_group = MutuallyExclusiveCallbackGroup()
@@ -227,7 +241,9 @@ class PolicyNode(Node):
     def _step_on(self, msg: Image | CompressedImage) -> None:
         started = time.perf_counter_ns()  # per-stage times for /diagnostics (~1 us to take)
         clock = self.get_clock()
-        now = self._now()
+        now_ns = clock.now().nanoseconds
+        anchor = time.perf_counter_ns()  # the stage marks go on the clock from this pair
+        now = now_ns * 1e-9
         if clock.ros_time_is_active:  # type: ignore[attr-defined]  # a ROSClock
             problem = self._sim_clock.problem(now, time.monotonic())
             if problem is not None:
@@ -288,6 +304,19 @@ class PolicyNode(Node):
         twist.linear.x = linear_x
         twist.angular.z = angular_z
         commanded = self._publish_command(twist, epoch, feed=True)
+        published = time.perf_counter_ns() if commanded else 0
+        overridden = self._overridden()
+        received, preprocessed, model_done, sent = latency.on_clock(
+            now_ns, anchor, (started, result.times.normalized_ns, result.times.end_ns, published)
+        )
+        stamps = latency.PolicyStamps(
+            latency.stamp_ns(msg.header.stamp), received, preprocessed, model_done, sent
+        )
+        if sent and not overridden:
+            # Before ~/output goes out: the driver's ~/applied for this command can be back
+            # within a millisecond or two, and must find its step here.
+            with self._cmd_lock:
+                self._recent.append(stamps)
         out = PolicyOutput()
         out.header = msg.header
         out.probabilities = result.probabilities.tolist()
@@ -296,9 +325,14 @@ class PolicyNode(Node):
         out.step = result.step
         out.inference_ms = result.inference_ms
         out.enabled = commanded
-        out.overridden = self._overridden()
+        out.overridden = overridden
+        set_time(out.received, received)
+        set_time(out.preprocessed, preprocessed)
+        set_time(out.stepped, model_done)
+        set_time(out.published, sent)
         self._output.publish(out)
         done = time.perf_counter_ns()
+        self.stats.stamped(stamps)
         self.stats.timed(
             decode=(decoded - decode_started) * 1e-6,
             fit=result.times.fit_ms,
@@ -334,10 +368,19 @@ class PolicyNode(Node):
 
     def _on_applied(self, msg: AppliedCommand) -> None:
         source = SOURCES[msg.source] if msg.source < len(SOURCES) else f'source {msg.source}'
+        command = latency.stamp_ns(msg.command_stamp)
         with self._cmd_lock:
             ended = self._override.applied(source, time.monotonic())
             if ended and self.cfg.reset_on_handback:
                 self._reset_pending = True  # applied by the next step, before it runs
+            step = None
+            if msg.source == AppliedCommand.SOURCE_POLICY and command != self._matched_command:
+                step = latency.owner(self._recent, command)  # _recent is in step order
+            if step is not None:
+                self._matched_command = command
+                self._recent.remove(step)
+        if step is not None:
+            self.stats.stamped(step, latency.stamp_ns(msg.applied_stamp))
         if ended:
             self.get_logger().info(
                 f'takeover ended (control: {source})'

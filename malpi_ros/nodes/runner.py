@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import rclpy
+from builtin_interfaces.msg import Time
 from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
@@ -79,6 +80,12 @@ def declare_parameters(node: Node, table: Mapping[str, ParamSpec]) -> dict[str, 
         except ParameterException as err:
             raise ConfigError(f'parameter {name}: {err}') from err
     return values
+
+
+def set_time(field: Time, ns: int) -> None:
+    """Write a clock stamp in ns (0: the unset, all-zero stamp) into a message's Time field,
+    in place (about a quarter of the cost of building a new Time: it runs on every frame)."""
+    field.sec, field.nanosec = divmod(int(ns), 1_000_000_000)
 
 
 def steady_timer(

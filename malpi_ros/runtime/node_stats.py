@@ -7,7 +7,9 @@ since the previous report (the camera or its clock needs looking at) and ERROR w
 failed; OK otherwise (DESIGN §5: a silent failure looks like a working robot).
 
 Per-stage times of the frame path (``STAGES``, median over the window) say where a frame's
-milliseconds go on the robot itself, not only in a benchmark.
+milliseconds go on the robot itself, not only in a benchmark; the latency stages from the stage
+stamps (``runtime.latency``: frame stamp -> ... -> applied by the motor driver, and end to end)
+are reported as p50/p99/max over the window, summarized as ``malpi-ros latency`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from malpi_ros.runtime import latency
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 
@@ -70,6 +74,9 @@ class NodeStats:
         self._inference_ms: deque[float] = deque(maxlen=window)
         self._age_s: deque[float] = deque(maxlen=window)
         self._stages: dict[str, deque[float]] = {n: deque(maxlen=window) for n in STAGES}
+        # Stamps, not stage times: the frame path only appends; the report does the arithmetic.
+        self._stamped: deque[latency.PolicyStamps] = deque(maxlen=window)
+        self._applied: deque[tuple[latency.PolicyStamps, int]] = deque(maxlen=window)
         self._last_age = float('nan')
         self._previous: dict[str, int] | None = None  # counts at the previous report
         self._previous_at: float | None = None
@@ -101,6 +108,14 @@ class NodeStats:
             for name, ms in stages_ms.items():
                 self._stages[name].append(ms)
 
+    def stamped(self, stamps: latency.PolicyStamps, applied_ns: int | None = None) -> None:
+        """A step's stamps; with ``applied_ns``: a step the motor driver applied, and when."""
+        with self._lock:
+            if applied_ns is None:
+                self._stamped.append(stamps)
+            else:
+                self._applied.append((stamps, applied_ns))
+
     def report(self, now: float, extra: tuple[tuple[str, str], ...] = ()) -> Report:
         """The report for the interval since the previous call (``now``: monotonic seconds)."""
         with self._lock:
@@ -116,6 +131,8 @@ class NodeStats:
             age_p50 = _pct(self._age_s, 50)
             stages = {name: _pct(times, 50) for name, times in self._stages.items()}
             callback_p99 = _pct(self._stages['callback'], 99)
+            stamped, applied = list(self._stamped), list(self._applied)
+        summaries = latency.summaries(stamped, applied)
         grew = {name: counts[name] - previous[name] for name in COUNTERS}
 
         def rate(name: str) -> str:
@@ -145,6 +162,11 @@ class NodeStats:
             # Microseconds shown: decode and fit of a small frame take tens of them.
             *((f'{name}_ms_p50', _ms(ms, 3)) for name, ms in stages.items()),
             ('callback_ms_p99', _ms(callback_p99, 3)),
+            *(
+                (f'latency_{s.name}_ms_{q}', _ms(value, 3))
+                for s in summaries
+                for q, value in (('p50', s.p50), ('p99', s.p99), ('max', s.max))
+            ),
             *((name, str(counts[name])) for name in COUNTERS),
             *extra,
         )

@@ -59,13 +59,29 @@ class StepRuntime(Protocol):
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Where one step's time went (ms): ``fit`` (crop + resize, ``image.fit_frame``; 0 for
-    ``step_fitted``), ``normalize`` (written into the runtime's input) and ``model`` (the
-    runtime call: state in, invoke, outputs out)."""
+    """Where one step's time went: the ``time.perf_counter_ns`` marks of its stages, kept as
+    marks so ``policy_node`` can stamp them (``runtime.latency``) without timing anything twice.
 
-    fit_ms: float
-    normalize_ms: float
-    model_ms: float
+    ``fit`` (crop + resize, ``image.fit_frame``; 0 for ``step_fitted``), ``normalize`` (written
+    into the runtime's input) and ``model`` (the runtime call: state in, invoke, outputs out).
+    """
+
+    start_ns: int
+    fitted_ns: int
+    normalized_ns: int
+    end_ns: int
+
+    @property
+    def fit_ms(self) -> float:
+        return (self.fitted_ns - self.start_ns) * 1e-6
+
+    @property
+    def normalize_ms(self) -> float:
+        return (self.normalized_ns - self.fitted_ns) * 1e-6
+
+    @property
+    def model_ms(self) -> float:
+        return (self.end_ns - self.normalized_ns) * 1e-6
 
 
 @dataclass(frozen=True)
@@ -255,11 +271,7 @@ class Policy:
             action_name=self._names[action],
             step=steps + 1,
             inference_ms=(end - start) * 1e-6,
-            times=StepTimes(
-                fit_ms=(fitted_at - start) * 1e-6,
-                normalize_ms=(normalized_at[0] - fitted_at) * 1e-6,
-                model_ms=(end - normalized_at[0]) * 1e-6,
-            ),
+            times=StepTimes(start, fitted_at, normalized_at[0], end),
         )
 
     def step_many(self, frames: Iterable[np.ndarray]) -> list[StepResult]:

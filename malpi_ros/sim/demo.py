@@ -59,7 +59,14 @@ REMAPS = {
     'policy_node': [('image', '/camera/image_raw'), ('applied', '/motor_driver_node/applied')],
     'motor_driver_node': [],
 }
-RECORDED_TOPICS = ('/sim_node/pose', '/sim_node/progress', '/policy_node/output', '/cmd_vel')
+# ~/output and ~/applied: `malpi-ros latency RUN/carried/drive_bag` reports the drive's stages.
+RECORDED_TOPICS = (
+    '/sim_node/pose',
+    '/sim_node/progress',
+    '/policy_node/output',
+    '/cmd_vel',
+    '/motor_driver_node/applied',
+)
 RUNS = (('carried', False), ('ablation', True))  # (name, reset_every_frame)
 LABELS = {'carried': 'state carried', 'ablation': 'reset every frame'}
 STOP_TIMEOUT = 10.0  # s for a process to exit after SIGINT before it is killed
