@@ -176,6 +176,7 @@ def test_a_killed_run_resumes_from_its_backup_with_its_whole_history(
     assert not backup.exists()  # removed once the bundle is written
 
 
+@pytest.mark.timeout(600)  # ~50 s on a quiet machine; 258 s seen at load 8-11
 def test_two_workers_on_loopback_write_one_bundle_and_a_killed_worker_costs_an_epoch(tmp_path):
     """Worker 1 is SIGKILLed once the chief has backed up epoch 1 and started again; the chief
     loses its peer and exits, and is started again too (as a launcher restarts what failed):
@@ -245,7 +246,27 @@ devices = ['/cpu:0', '/cpu:1']
 real = tf.distribute.MirroredStrategy
 tf.distribute.MirroredStrategy = lambda: real(devices)
 from malpi_ros.cli import main
+from malpi_ros.learn import pipeline
+from malpi_ros.learn import train as train_module
 
+# How often fit draws the validation plan (opens the validation batches): once an epoch.
+drawn = []
+real_plan, real_fit = pipeline.ChunkSource.plan, train_module._fit
+
+
+def plan(self, rng=None):
+    drawn.append(self.split)
+    return real_plan(self, rng)
+
+
+def fit(*args, **kwargs):
+    drawn.clear()
+    result = real_fit(*args, **kwargs)
+    print('validation plans drawn in fit:', drawn.count(False))
+    return result
+
+
+pipeline.ChunkSource.plan, train_module._fit = plan, fit
 for state in ('carried', 'zero'):
     code = main([*sys.argv[1:], '--state', state, '--out', sys.argv[-1] + '-' + state])
     if code:
@@ -266,6 +287,7 @@ def test_mirrored_over_two_replicas_trains_both_recipes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('worker 0 of 1 (chief), 2 replica(s) here') == 2, done.stdout
     assert done.stdout.count('4 per replica of the global batch 8') == 2
+    assert 'validation plans drawn in fit: 2' in done.stdout, done.stdout  # 2 epochs
     for state in ('carried', 'zero'):
         out = tmp_path / f'bundle-{state}'
         metrics = load_bundle(out).metadata['metrics']

@@ -145,6 +145,10 @@ class ReplicaFit:
         if strategy is None or iterator is None:
             super()._maybe_symbolic_build(iterator, data_batch)  # type: ignore[misc]
             return
+        if _built(self):
+            # Keras asks again at every evaluate, i.e. every epoch's validation: the batch
+            # would cost a distributed iterator of its own (~0.1 s of CPU) and a batch load.
+            return
         for _, _, batches in iterator:
             data_batch = keras.tree.map_structure(
                 lambda v: (
@@ -157,6 +161,17 @@ class ReplicaFit:
             break
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)  # type: ignore[attr-defined]
+
+
+def _built(model: Any) -> bool:
+    """Whether Keras' symbolic build has nothing left to build (its own four checks)."""
+    metrics, loss = model._compile_metrics, model._compile_loss
+    return (
+        all(layer.built for layer in model._flatten_layers())
+        and (metrics is None or metrics.built)
+        and (loss is None or loss.built)
+        and (model.optimizer is None or model.optimizer.built)
+    )
 
 
 class WindowTrainer(ReplicaFit, keras.Model):
