@@ -268,7 +268,12 @@ def distributed_dataset(
             seed=seed,
         )
 
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    # Prefetching each batch to the replica's device pays on a GPU; on a CPU the batch is
+    # already where the step runs, and tf.distribute's MultiDeviceIterator that does it kept
+    # batches from loading while the previous step computed (measured: 1.93x plain fit an
+    # epoch on one worker, the steps themselves equal; 0.93x without it).
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=gpu_present())
+    return strategy.distribute_datasets_from_function(dataset_fn, options=options)
 
 
 def check_split(source: ChunkSource | WindowSource, where: Placement, batch_size: int) -> str:
