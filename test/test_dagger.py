@@ -12,6 +12,7 @@ from modelfactory import TINY_CONVS, TINY_UNITS, make_tiny_bundle
 from support import REPO
 
 from malpi_ros.bagio.reader import open_bag
+from malpi_ros.cli import main as cli_main
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import BundleError, ConfigError
 from malpi_ros.sim.dagger import DaggerConfig, count_frames, format_table, main, run_dagger
@@ -95,9 +96,11 @@ def test_the_command_refuses_bad_settings_before_doing_anything(tmp_path, capsys
     assert not (tmp_path / 'runs').exists()
 
 
-def test_warm_start_begins_from_the_bundle_and_refuses_another_model(tmp_path):
+def test_warm_start_begins_from_the_bundle_and_refuses_another_model(tmp_path, capsys):
+    import keras
+
     from malpi_ros.config import TrainConfig
-    from malpi_ros.learn.model import load_sequence_model
+    from malpi_ros.learn.model import build_sequence_model, load_sequence_model
     from malpi_ros.learn.train import train
     from malpi_ros.runtime.bundle import load_bundle
 
@@ -105,22 +108,28 @@ def test_warm_start_begins_from_the_bundle_and_refuses_another_model(tmp_path):
     record_expert(bag, RecordConfig(episodes=1, laps=1, max_frames=60))
     policy, dataset = configs(tiny_train_config(tmp_path))
     start = make_tiny_bundle(tmp_path / 'start', actions=policy.actions, seed=3)
-    # A learning rate this small leaves the weights where the warm start put them.
+    # A learning rate this small leaves the weights where training started.
     still = TrainConfig(epochs=1, learning_rate=1e-12, val_fraction=0.0)
     train([bag], tmp_path / 'warm', policy, dataset, still, verbose=0, log=lambda _: None,
           warm_start=start)  # fmt: skip
-    train([bag], tmp_path / 'cold', policy, dataset, still, verbose=0, log=lambda _: None)
+    loaded = load_bundle(tmp_path / 'warm')
+    warm = load_sequence_model(loaded.keras_path, loaded.config.model).get_weights()
+    began = load_sequence_model(load_bundle(start).keras_path, policy.model).get_weights()
+    keras.utils.set_random_seed(still.seed)  # where training starts without a warm start
+    fresh = build_sequence_model(policy.model).get_weights()
 
-    def weights(path):
-        loaded = load_bundle(path)
-        return load_sequence_model(loaded.keras_path, loaded.config.model).get_weights()
+    def gap(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
-    began, warm, cold = weights(start), weights(tmp_path / 'warm'), weights(tmp_path / 'cold')
-    assert max(float(np.abs(a - b).max()) for a, b in zip(began, warm, strict=True)) < 1e-6
-    assert max(float(np.abs(a - b).max()) for a, b in zip(began, cold, strict=True)) > 0.1
+    assert gap(began, warm) < 1e-6 and gap(fresh, warm) > 0.1
     other = make_tiny_bundle(tmp_path / 'other', height=12, width=16, actions=policy.actions)
     with pytest.raises(BundleError, match=r'warm start: .*other holds another model'):
         train([bag], tmp_path / 'never', policy, dataset, still, warm_start=other)
+    assert not (tmp_path / 'never').exists()
+    # The command line's --warm-start reaches it.
+    cmd = ['train', str(bag), '--out', str(tmp_path / 'never'), '--warm-start', str(other)]
+    assert cli_main([*cmd, '--config', str(tiny_train_config(tmp_path))]) == 1
+    assert 'malpi-ros train: error: warm start: ' in capsys.readouterr().err
     assert not (tmp_path / 'never').exists()
 
 
