@@ -49,6 +49,7 @@ def configs(path):
     return policy, dataset
 
 
+@pytest.mark.slow
 def test_a_supervised_drive_is_recorded_as_a_robot_records_a_takeover(tmp_path):
     bundle = make_tiny_bundle(tmp_path / 'left', always='left')
     got = record_supervised(tmp_path / 'drive', bundle, laps=1, seed=0)
@@ -96,6 +97,7 @@ def test_the_command_refuses_bad_settings_before_doing_anything(tmp_path, capsys
     assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.slow
 def test_warm_start_begins_from_the_bundle_and_refuses_another_model(tmp_path, capsys):
     import keras
 

@@ -60,7 +60,7 @@ class DaggerConfig:
     rounds: int = 3
     laps: int = 3
     eval_laps: int = 10
-    base_episodes: int = 2
+    base_episodes: int = 1
     epochs: int = 15
     round_epochs: int = 8
     warm_start: bool = True
