@@ -308,7 +308,7 @@ def record_supervised(
 
     The closed loop is ``supervisor.drive_supervised`` (the policy steps through takeovers, the
     driver's hold after a release emulated); ``config`` gives the topics, image format, storage
-    and start time (its episode and segment counts are not used). The summary adds
+    and start time (its episodes, segments and max_frames are not used). The summary adds
     ``takeovers`` and ``takeover_frames`` (frames whose applied source is teleop).
     """
     config = config or RecordConfig()
