@@ -3,8 +3,6 @@ whose table counts what the recordings hold (the real rounds are not in make tes
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import yaml
@@ -137,32 +135,32 @@ def test_warm_start_begins_from_the_bundle_and_refuses_another_model(tmp_path, c
 
 @pytest.mark.slow
 def test_the_round_loop_counts_what_its_recordings_hold(tmp_path):
+    # One round (about 3 min on a loaded 2-core machine): round 0, round 1, the baseline.
     config = tiny_train_config(tmp_path)
-    cfg = DaggerConfig(rounds=2, laps=1, eval_laps=1, base_episodes=1, epochs=1, round_epochs=1)
+    cfg = DaggerConfig(rounds=1, laps=1, eval_laps=1, base_episodes=1, epochs=1, round_epochs=1)
     lines: list[str] = []
     rows = run_dagger(tmp_path, cfg, config, log=lines.append)
-    assert [r.name for r in rows] == ['round 0', 'round 1', 'round 2', 'baseline (BC)']
+    assert [r.name for r in rows] == ['round 0', 'round 1', 'baseline (BC)']
     policy, dataset = configs(config)
     base, _ = count_frames([tmp_path / 'round0_bag'], policy, dataset)
     r1, t1 = count_frames([tmp_path / 'round1_bag'], policy, dataset)
-    r2, t2 = count_frames([tmp_path / 'round2_bag'], policy, dataset)
-    # A one-epoch policy strays: the supervisor corrects it in both rounds.
-    assert t1 > 0 and t2 > 0 and base > 300
-    round0, round1, round2, baseline = rows
-    # Expert frames: the clean laps, then the takeover frames the recordings hold, accumulated.
-    assert [r.expert_frames for r in rows[:3]] == [base, base + t1, base + t1 + t2]
-    assert [r.trained_frames for r in rows[:3]] == [base, base + r1, base + r1 + r2]
-    assert (round1.takeover_frames, round2.takeover_frames) == (t1, t2)
+    # A one-epoch policy strays: the supervisor corrects it.
+    assert t1 > 0 and base > 300
+    round0, round1, baseline = rows
+    # Expert frames: the clean laps, then plus the takeover frames the recording holds; every
+    # frame of the supervised drive is trained on too.
+    assert [r.expert_frames for r in rows[:2]] == [base, base + t1]
+    assert [r.trained_frames for r in rows[:2]] == [base, base + r1]
+    assert round1.takeover_frames == t1 and r1 > t1
     assert round0.takeovers_per_lap is None and round1.supervised_laps == 1
     assert round1.takeovers_per_lap == round1.takeovers >= 1
     # The baseline: as many expert frames, all of them clean expert laps.
-    assert baseline.expert_frames == baseline.trained_frames == round2.expert_frames
-    assert count_frames([tmp_path / 'baseline_bag'], policy, dataset) == (t1 + t2, 0)
+    assert baseline.expert_frames == baseline.trained_frames == round1.expert_frames
+    assert count_frames([tmp_path / 'baseline_bag'], policy, dataset) == (t1, 0)
     for r in rows:
         assert 0 <= r.forks_correct <= r.forks and r.off_track_events >= 0 and r.laps_driven > 0
     assert any('round1: trained on 2 bag(s) (warm start, 1 epochs)' in line for line in lines)
     assert any('baseline: trained on 2 bag(s) (1 epochs)' in line for line in lines)
     table = format_table(rows)
-    assert table.count('\n| round ') == 3 and '\n| baseline (BC) |' in table
-    assert f'| round 2 | {round2.takeovers:.2f} | {base + t1 + t2} | {base + r1 + r2} |' in table
-    assert json.dumps([r.expert_frames for r in rows])  # plain ints: results.json holds them
+    assert table.count('\n| round ') == 2 and '\n| baseline (BC) |' in table
+    assert f'| round 1 | {round1.takeovers:.2f} | {base + t1} | {base + r1} |' in table
