@@ -13,7 +13,7 @@ export ROS_DOMAIN_ID ?= 42
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test check demo compare install build lint format bench constraints clean
+.PHONY: test check demo compare dagger install build lint format bench constraints clean
 
 # The venv, with every version pinned by constraints.txt (ros-* wheels included).
 $(VENV)/.installed: requirements.txt requirements-build.txt requirements-dev.txt constraints.txt
@@ -62,6 +62,11 @@ demo: build
 # COMPARE_ARGS: e.g. COMPARE_ARGS='--horizons long --windows 3 --laps 10'.
 compare: build
 	$(PY) -P -m malpi_ros.sim.compare --out compare_runs $(COMPARE_ARGS)
+
+# HG-DAgger rounds in the simulator against behaviour cloning on as many expert frames, in-process
+# (no ROS; README "DAgger rounds in the simulator"). DAGGER_ARGS: e.g. DAGGER_ARGS='--rounds 2'.
+dagger: build
+	$(PY) -P -m malpi_ros.sim.dagger --out dagger_runs $(DAGGER_ARGS)
 
 constraints: install
 	{ echo "# Every version make test installs, the ros-* wheels included. Regenerate with"; \

@@ -29,6 +29,10 @@ after a zero state; Adam lr 3e-4 with clipnorm 1; up to 30 epochs,
 early stopping on val_loss with patience 10 that cannot act before epoch 10 (--min-epochs:
 learning to remember starts with a plateau); 20% of the episodes held out for validation;
 class weights from the training labels, capped at 10x.
+
+--warm-start BUNDLE starts from that bundle's weights instead of random ones (the model must be
+the same; the optimizer starts afresh): retraining after a round of takeovers on everything so
+far needs fewer epochs from the last round's policy (README "DAgger rounds").
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'bundle is written)',
     )
     parser.add_argument('--no-backup', action='store_true', help='no backup, no resuming')
+    parser.add_argument(
+        '--warm-start',
+        type=Path,
+        metavar='BUNDLE',
+        help="start from this bundle's weights (the same model; e.g. the last DAgger round's)",
+    )
     group = parser.add_argument_group('overrides of the config file')
     group.add_argument('--epochs', type=int)
     group.add_argument('--batch-size', type=int)
@@ -146,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         backup_dir=backup_dir,
         verbose=args.verbose,
         callbacks=[tensorboard_logs(logdir)] if logdir is not None else [],
+        warm_start=args.warm_start,
     )
     if result.bundle is not None:  # None: a worker that is not the chief
         print(f'bundle written: {result.bundle}')

@@ -38,7 +38,7 @@ import numpy as np
 
 from malpi_ros import diskspace
 from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
-from malpi_ros.errors import ConfigError, DatasetError
+from malpi_ros.errors import BundleError, ConfigError, DatasetError
 from malpi_ros.learn import distribute, plots
 from malpi_ros.learn.backup import TrainingBackup, fingerprint
 from malpi_ros.learn.dataset import (
@@ -52,7 +52,7 @@ from malpi_ros.learn.dataset import (
 )
 from malpi_ros.learn.export import save_bundle
 from malpi_ros.learn.metrics import ClassificationMetrics, classification_metrics
-from malpi_ros.learn.model import build_sequence_model
+from malpi_ros.learn.model import build_sequence_model, load_sequence_model
 from malpi_ros.learn.pipeline import (
     ChunkSource,
     WindowSource,
@@ -61,7 +61,7 @@ from malpi_ros.learn.pipeline import (
     make_dataset,
 )
 from malpi_ros.progress import format_duration
-from malpi_ros.runtime.bundle import METADATA_FILE
+from malpi_ros.runtime.bundle import METADATA_FILE, load_bundle
 
 # Adam's gradient-norm clip (the memory recipe): part of the recipe, not a setting.
 CLIPNORM = 1.0
@@ -307,8 +307,13 @@ def train(
     verbose: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     log: Callable[[str], None] = print,
+    warm_start: str | Path | None = None,
 ) -> TrainResult:
     """Train on ``bags`` and write the bundle at ``out``; see the module docstring.
+
+    ``warm_start``: a bundle of the same model whose weights training starts from (the DAgger
+    rounds retrain on everything so far from the previous round's policy); BundleError when
+    its model differs. The optimizer starts afresh.
 
     ``backup_dir``: where the chief backs up every finished epoch (None: no backup).
     ``verbose``: Keras' (1 progress bar, 2 a line per epoch, 0 silent); default 1 on a
@@ -337,6 +342,9 @@ def train(
     keras.utils.set_random_seed(train_cfg.seed)
     with distribute.scope(strategy):
         model = build_sequence_model(policy.model)  # now: its size is part of the room needed
+        if warm_start is not None:
+            model.set_weights(_warm_weights(Path(warm_start), policy))
+            log(f'warm start from {warm_start}')
     check_room(bag_paths, out, policy, model, image_topic, cmd_topic, cache_dir, backup_dir)
     prepared = _load(bag_paths, policy, dataset, train_cfg, image_topic, cmd_topic, cache_dir, log)
     if strategy is not None:
@@ -395,6 +403,17 @@ def train(
     return TrainResult(
         out, history, metrics, summary, scores.matrix, time.perf_counter() - started
     )
+
+
+def _warm_weights(bundle: Path, policy: PolicyConfig) -> list[np.ndarray]:
+    """The sequence model's weights of ``bundle``, which must hold ``policy``'s model."""
+    loaded = load_bundle(bundle)
+    if loaded.config.model != policy.model:
+        raise BundleError(
+            f'warm start: {bundle} holds another model ({loaded.config.model}); '
+            f'training builds {policy.model}'
+        )
+    return list(load_sequence_model(loaded.keras_path, policy.model).get_weights())
 
 
 def _check_out(out: Path) -> None:

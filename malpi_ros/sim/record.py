@@ -39,6 +39,15 @@ action (forward, left or right) would move it. The bag records the commands as g
 expert's, which keep answering what the camera shows), so it stays an honest recording, and it
 shows what a perfect driver never does: how to get back on the line, and - when a turn into the
 cued branch did not happen - that the turn is still due on the next frame.
+
+``max_frames`` stops the recording after that many frames (mid-lap): the DAgger run's baseline
+gets exactly as many clean expert frames as the rounds' corrections.
+
+Supervised drives (``record_supervised``): a bundle's policy drives and the simulated person
+(``sim.supervisor``) takes over when it strays, and the bag holds what a robot's recording of
+such a drive holds (README "Takeover"): the camera, the policy's ``/cmd_vel``, the person's
+``/teleop/cmd_vel`` while it drives, and ``/motor_driver_node/applied`` (what the motors got,
+with its source), which training labels from - the DAgger rounds' data.
 """
 
 from __future__ import annotations
@@ -59,10 +68,14 @@ import numpy as np
 from rosbags.rosbag2 import WriterError
 
 from malpi_ros.bagio.formats import STORAGES
-from malpi_ros.bagio.writer import BagWriter
+from malpi_ros.bagio.reader import APPLIED_TYPE
+from malpi_ros.bagio.writer import BagWriter, Definitions
 from malpi_ros.checks import int_at_least, non_negative, positive
 from malpi_ros.errors import BagError, ConfigError
 from malpi_ros.runtime.image import encode_image_fields
+from malpi_ros.runtime.motor import wheel_throttles
+from malpi_ros.runtime.takeover import POLICY, SOURCES, TELEOP
+from malpi_ros.sim.supervisor import SupervisorConfig, drive_supervised
 from malpi_ros.sim.world import SimConfig, SimWorld
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
@@ -70,6 +83,9 @@ COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
 IMAGE_FORMATS = ('raw', 'jpeg')
 TWIST_TYPE = 'geometry_msgs/msg/Twist'
 SWERVE_LABELS = ('commanded', 'expert')
+# What a robot's recording of a takeover drive names them (README "Takeover").
+APPLIED_TOPIC = '/motor_driver_node/applied'
+TELEOP_TOPIC = '/teleop/cmd_vel'
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,7 @@ class RecordConfig:
     segment_end: tuple[float, float] = (0.0, 0.25)
     disturb_rate: float = 0.0
     disturb_frames: int = 3
+    max_frames: int = 0  # stop after this many frames; 0: no limit
 
     def __post_init__(self) -> None:
         int_at_least('record episodes', self.episodes, 0)
@@ -142,6 +159,7 @@ class RecordConfig:
                 f'got {self.disturb_rate!r}'
             )
         int_at_least('record disturb_frames', self.disturb_frames, 1)
+        int_at_least('record max_frames', self.max_frames, 0)
 
 
 @dataclass(frozen=True)
@@ -261,7 +279,10 @@ def record_expert(
     tape = _Tape(out, config, sim)
     summaries: list[dict[str, Any]] = []
     try:
-        for episode, (frames, summary) in enumerate(_driven(out, config, sim, workers)):
+        limited = config.max_frames > 0  # the rest of an episode is cut: one process
+        room = (lambda: config.max_frames - tape.frames) if limited else None
+        driven = _driven(out, config, sim, 1 if limited else workers, room)
+        for episode, (frames, summary) in enumerate(driven):
             for payload, command in frames:
                 tape.write(payload, command)
             summaries.append(summary)
@@ -289,12 +310,23 @@ def recording_workers() -> int:
 Driven = tuple[list[tuple[np.ndarray, int]], dict[str, Any]]
 
 
-def _driven(out: Path, config: RecordConfig, sim: SimConfig, workers: int) -> Iterator[Driven]:
-    """Every episode driven and encoded, in order: here, or in ``workers`` processes."""
+def _driven(
+    out: Path,
+    config: RecordConfig,
+    sim: SimConfig,
+    workers: int,
+    room: Callable[[], int] | None = None,
+) -> Iterator[Driven]:
+    """Every episode driven and encoded, in order: here (lazily, each with the ``room()``
+    frames left when it starts; none left ends the recording), or in ``workers`` processes."""
     count = config.episodes + config.segments
     if workers == 1 or count < 2:
         world = SimWorld(sim, seed=config.seed)
-        yield from (_drive_episode(world, out, config, e) for e in range(count))
+        for episode in range(count):
+            left = room() if room is not None else None
+            if left is not None and left <= 0:
+                return
+            yield _drive_episode(world, out, config, episode, left)
         return
     # spawn, not fork: the caller may hold threads (a ROS context, TensorFlow's pools).
     context = multiprocessing.get_context('spawn')
@@ -318,23 +350,76 @@ def _worker_episode(episode: int) -> Driven:
     return _drive_episode(world, out, config, episode)
 
 
-def _drive_episode(world: SimWorld, out: Path, config: RecordConfig, episode: int) -> Driven:
+def encoded(frame: np.ndarray, config: RecordConfig) -> np.ndarray:
+    """A rendered RGB frame as the bag stores it: JPEG bytes, or the frame itself (raw)."""
+    jpeg = config.image_format == 'jpeg'
+    return jpeg_data(frame, config.jpeg_quality) if jpeg else frame
+
+
+def _drive_episode(
+    world: SimWorld, out: Path, config: RecordConfig, episode: int, room: int | None = None
+) -> Driven:
     """Episode ``episode`` from ``SimWorld.reset`` with its own seed, frames encoded as the
-    bag stores them."""
+    bag stores them; at most ``room`` frames (a lap episode stops there, mid-lap)."""
     seed = config.seed * 1000 + episode
     world.reset(seed)
     disturbance = _Disturbance(config, world, seed)
     frames: list[tuple[np.ndarray, int]] = []
 
+    def full() -> bool:
+        return room is not None and len(frames) >= room
+
     def keep(frame: np.ndarray, command: int) -> None:
-        jpeg = config.image_format == 'jpeg'
-        frames.append((jpeg_data(frame, config.jpeg_quality) if jpeg else frame, command))
+        if not full():
+            frames.append((encoded(frame, config), command))
 
     if episode < config.episodes:
-        _laps(world, out, disturbance, config, episode, keep)
+        _laps(world, out, disturbance, config, episode, keep, full)
     else:
         _segment(world, out, disturbance, config, seed, episode, keep)
     return frames, world.summary()
+
+
+def record_supervised(
+    out: str | Path,
+    bundle: str | Path,
+    laps: int,
+    seed: int,
+    config: RecordConfig | None = None,
+    sim: SimConfig | None = None,
+    supervisor: SupervisorConfig | None = None,
+) -> RecordResult:
+    """``bundle``'s policy drives ``laps`` laps (one episode) with the supervisor watching;
+    the bag ``out`` holds the takeover drive as a robot records it (module doc).
+
+    The closed loop is ``supervisor.drive_supervised`` (the policy steps through takeovers, the
+    driver's hold after a release emulated); ``config`` gives the topics, image format, storage
+    and start time (its episodes, segments and max_frames are not used). The summary adds
+    ``takeovers`` and ``takeover_frames`` (frames whose applied source is teleop).
+    """
+    config = config or RecordConfig()
+    sim = sim or SimConfig()
+    out = Path(out)
+    if out.exists():
+        raise BagError(f'{out} exists; recording never overwrites a bag')
+    tape = _Tape(out, config, sim, takeovers=True)
+    try:
+        summary = drive_supervised(
+            Path(bundle),
+            laps,
+            seed,
+            sim=sim,
+            supervisor_config=supervisor,
+            on_frame=tape.write_supervised,
+        )
+        tape.close()
+    except (WriterError, OSError) as err:
+        tape.discard()
+        raise BagError(f'cannot write {out}: {err}') from err
+    except BaseException:
+        tape.discard()
+        raise
+    return RecordResult(out, tape.frames, tape.frames * sim.dt, (summary,))
 
 
 def _expert_step(world: SimWorld, disturbance: _Disturbance) -> tuple[np.ndarray, int]:
@@ -355,10 +440,11 @@ def _laps(
     config: RecordConfig,
     episode: int,
     keep: Keep,
+    full: Callable[[], bool],
 ) -> None:
     limit = math.ceil(config.laps * config.max_lap_time / world.config.dt)
     for _ in range(limit):
-        if world.laps >= config.laps:
+        if world.laps >= config.laps or full():
             return
         keep(*_expert_step(world, disturbance))
     raise BagError(
@@ -406,14 +492,21 @@ def _segment(
 class _Tape:
     """The open bag and the sim clock it is stamped with."""
 
-    def __init__(self, out: Path, config: RecordConfig, sim: SimConfig) -> None:
+    def __init__(
+        self, out: Path, config: RecordConfig, sim: SimConfig, *, takeovers: bool = False
+    ) -> None:
         self.out = out
         self.config = config
-        self.actions = sim.actions
+        self.sim = sim
         self.dt_ns = round(sim.dt * 1e9)
         self.t_ns = round(config.start_time * 1e9)
         self.frames = 0
-        self.writer = BagWriter(out, config.storage).open()
+        store = None
+        if takeovers:  # our AppliedCommand, from the installed package's msg/ (as the recorder)
+            definitions = Definitions()
+            definitions.definition(APPLIED_TYPE)
+            store = definitions.store
+        self.writer = BagWriter(out, config.storage, store=store).open()
         self.store = self.writer.store
         if config.image_format == 'jpeg':
             # image_transport's name and type for a compressed stream of image_topic
@@ -424,18 +517,62 @@ class _Tape:
             self.writer.add_topic(self.image, IMAGE_TYPE)
         self.cmd = config.cmd_topic
         self.writer.add_topic(self.cmd, TWIST_TYPE)
+        if takeovers:
+            self.writer.add_topic(TELEOP_TOPIC, TWIST_TYPE)
+            self.writer.add_topic(APPLIED_TOPIC, APPLIED_TYPE)
 
     def write(self, frame: np.ndarray, command: int) -> None:
-        """One frame (JPEG bytes or RGB, as ``image_format`` says) and its command, both
-        stamped with the frame's sim time."""
-        action = self.actions.actions[command]
+        """One frame (JPEG bytes or RGB, as ``image_format`` says: ``encoded``) and its
+        command, both stamped with the frame's sim time."""
+        self._frame(frame)
+        self._twist(self.cmd, command)
+        self._advance()
+
+    def write_supervised(
+        self, frame: np.ndarray, requested: int, applied: int, overridden: bool
+    ) -> None:
+        """One frame (RGB) of a supervised drive: the policy's command, the person's while
+        taking over, and what was applied (with its source), all stamped with the frame's sim
+        time (the command's publish and apply stamps too: an instant reaction)."""
+        self._frame(encoded(frame, self.config))
+        self._twist(self.cmd, requested)
+        if overridden:
+            self._twist(TELEOP_TOPIC, applied)
+        action = self.sim.actions.actions[applied]
+        robot = self.sim.robot
+        left, right = wheel_throttles(
+            action.linear_x, action.angular_z, robot.track_width, robot.max_wheel_speed
+        )
+        stamp = _stamp(self.store, self.t_ns)
+        msg = self.store.types[APPLIED_TYPE](
+            header=self.store.types['std_msgs/msg/Header'](stamp=stamp, frame_id=''),
+            source=SOURCES.index(TELEOP if overridden else POLICY),
+            linear_x=float(action.linear_x),
+            angular_z=float(action.angular_z),
+            left=float(left),
+            right=float(right),
+            command_age=0.0,
+            command_stamp=stamp,
+            applied_stamp=stamp,
+        )
+        self.writer.write(APPLIED_TOPIC, self.t_ns, msg)
+        self._advance()
+
+    def _frame(self, frame: np.ndarray) -> None:
         t, cfg = self.t_ns, self.config
         if cfg.image_format == 'jpeg':
             data = jpeg_cdr(self.store, frame, t, cfg.frame_id)
         else:
             data = image_cdr(self.store, frame, t, cfg.frame_id)
         self.writer.write(self.image, t, data)
-        self.writer.write(self.cmd, t, twist_cdr(self.store, action.linear_x, action.angular_z))
+
+    def _twist(self, topic: str, command: int) -> None:
+        action = self.sim.actions.actions[command]
+        self.writer.write(
+            topic, self.t_ns, twist_cdr(self.store, action.linear_x, action.angular_z)
+        )
+
+    def _advance(self) -> None:
         self.t_ns += self.dt_ns
         self.frames += 1
 

@@ -25,6 +25,7 @@ lets go of a robot that is about to leave again:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ class Supervisor:
         return self.expert.act(pose, branch) if self.gate(distance, heading) else None
 
 
+# (frame, the policy's action, the applied action, whether a takeover applied it)
+OnFrame = Callable[[np.ndarray, int, int, bool], None]
+
+
 def drive_supervised(
     bundle: Path,
     laps: int,
@@ -124,6 +129,8 @@ def drive_supervised(
     reset_on_handback: bool = False,
     linger: int = 3,
     sim: SimConfig | None = None,
+    supervisor_config: SupervisorConfig | None = None,
+    on_frame: OnFrame | None = None,
 ) -> dict[str, Any]:
     """A bundle's policy drives ``laps`` laps in this process with the supervisor watching.
 
@@ -133,14 +140,19 @@ def drive_supervised(
     or the policy's. After the supervisor lets go its last action is held ``linger`` more
     frames, as the driver holds a teleop command for ``teleop_timeout`` (0.3 s = 3 frames at
     10 Hz). With ``reset_on_handback`` the policy's state is zeroed when control returns (the
-    policy_node parameter). Returns ``SimWorld.summary()`` plus ``takeovers`` and
+    policy_node parameter). ``on_frame(frame, requested, applied, overridden)`` sees every
+    frame before the world moves, with the policy's action, the one applied and whether a
+    takeover applied it (sim action indices): the recorder of the DAgger rounds
+    (``sim.record.record_supervised``). Returns ``SimWorld.summary()`` plus ``takeovers`` and
     ``takeover_frames``.
     """
     from malpi_ros.runtime.policy import Policy  # LiteRT only: no TensorFlow in this process
 
     policy = Policy.from_bundle(bundle, 'litert', num_threads=1)
     world = SimWorld(sim or SimConfig(), seed=seed)
-    supervisor = Supervisor(Expert(world.track, world.actions, world.config.expert))
+    supervisor = Supervisor(
+        Expert(world.track, world.actions, world.config.expert), supervisor_config
+    )
     names = world.actions.names
     missing = [n for n in policy.config.actions.names if n not in names]
     if missing:
@@ -150,7 +162,8 @@ def drive_supervised(
     for _ in range(math.ceil(laps * 120.0 / world.config.dt)):  # 120 s a lap at the most
         if world.laps >= laps:
             break
-        chosen = to_sim[policy.step(world.render()).action]
+        frame = world.render()
+        chosen = to_sim[policy.step(frame).action]
         action = supervisor.act(world.pose, world.target_branch)
         if action is not None:
             held, left = action, linger
@@ -160,5 +173,8 @@ def drive_supervised(
             policy.reset()  # control is back: zeroed before the next step, as policy_node does
         overriding = action is not None
         taken += overriding
-        world.step(chosen if action is None else action)
+        applied = chosen if action is None else action
+        if on_frame is not None:
+            on_frame(frame, chosen, applied, overriding)
+        world.step(applied)
     return {**world.summary(), 'takeovers': supervisor.takeovers, 'takeover_frames': taken}
