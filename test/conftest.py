@@ -91,7 +91,7 @@ SLOW = {
     'test_train.py': {
         'test_train_writes_a_loadable_bundle_with_its_reports',
         'test_a_full_disk_while_saving_is_one_line_and_the_old_bundle_stays',
-        'test_the_model_learns_what_is_in_the_data',
+        'test_the_model_learns_what_is_in_the_data_and_stops_at_the_target',
         'test_a_failed_run_leaves_the_existing_bundle_untouched',
         'test_command_line_flags_override_the_config_file',
         'test_no_validation_split_trains_and_scores_on_training_windows',
