@@ -205,6 +205,11 @@ class DatasetConfig:
     cue to the decision that needs it.
     ``burn_in``: the first ``burn_in`` steps after a zero state carry no loss, so the state is
     warmed up before it is judged (in ``zero`` a window is ``burn_in + seq_len`` frames long).
+    ``bptt`` (``zero`` only): the gradient flows through a window's last ``bptt`` frames; the
+    frames before run forward only, their final state held constant for the rest (R2D2's
+    burn-in). The outputs and the loss are the window's own; the backward pass, two thirds of
+    a step's compute, covers ``bptt`` frames instead of the window. 0: the whole window. It
+    must reach back from the decisions to their cue (``seq_len`` <= ``bptt`` <= window).
     """
 
     lag: float = 0.0
@@ -215,6 +220,7 @@ class DatasetConfig:
     seq_len: int = 32
     stride: int = 5
     burn_in: int = 10
+    bptt: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lag, int | float) and math.isfinite(self.lag)):
@@ -226,11 +232,27 @@ class DatasetConfig:
         int_at_least('seq_len', self.seq_len, 1)
         int_at_least('stride', self.stride, 1)
         int_at_least('burn_in', self.burn_in, 0)
+        int_at_least('bptt', self.bptt, 0)
+        if self.bptt and self.state != 'zero':
+            raise ConfigError(
+                f'bptt truncates zero-state windows (state: zero); with state {self.state!r} '
+                f'the gradient already stops at chunk boundaries: got bptt={self.bptt}'
+            )
+        if self.bptt and not self.seq_len <= self.bptt <= self.window:
+            raise ConfigError(
+                f'bptt must be 0 (the whole window) or from seq_len ({self.seq_len}) to the '
+                f'window ({self.window} frames), got {self.bptt}'
+            )
 
     @property
     def window(self) -> int:
         """Frames of one training window (``zero``)."""
         return self.burn_in + self.seq_len
+
+    @property
+    def forward_only(self) -> int:
+        """Frames at the start of a training window that run without gradient (``bptt``)."""
+        return self.window - self.bptt if self.bptt else 0
 
     @property
     def min_frames(self) -> int:

@@ -65,7 +65,7 @@ def build_configs(
         elif key in preprocess and key not in model:
             model[key] = preprocess[key]
     dataset = dict(sections['dataset'])
-    for key in ('state', 'seq_len', 'burn_in', 'stride'):
+    for key in ('state', 'seq_len', 'burn_in', 'stride', 'bptt'):
         if overrides.get(key) is not None:
             dataset[key] = overrides[key]
     train = dict(sections['train'])

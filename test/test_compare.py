@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 from support import REPO
 
+from malpi_ros.runtime.bundle import load_bundle
 from malpi_ros.sim.compare import (
+    LSTM_BPTT,
     LSTM_BURN_IN,
     format_table,
     held_bytes,
@@ -42,6 +44,14 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
     lstm, _, window = entries
     assert lstm.held_bytes == held_bytes(0, 64, (30, 40, 3)) == 2 * 64 * 4
     assert window.held_bytes == 2 * 30 * 40 * 3  # two uint8 frames
+    # The LSTM trains its long windows through their last LSTM_BPTT frames (the rest forward
+    # only); the window policy its K frames whole.
+    trained = {
+        kind: load_bundle(tmp_path / f'long_{kind}').metadata['extra']['dataset']
+        for kind in ('lstm', 'window2')
+    }
+    assert (trained['lstm']['burn_in'], trained['lstm']['bptt']) == (150, LSTM_BPTT['long'])
+    assert (trained['window2']['burn_in'], trained['window2']['bptt']) == (1, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'long.cache',
         'long_bag',
@@ -61,4 +71,6 @@ def test_each_horizon_records_drives_one_lstm_window_long():
     for horizon, frames in (('short', 120), ('long', 160)):
         got = recording_for(horizon, base, 10)
         assert got.segment_frames == frames == LSTM_BURN_IN[horizon] + 10
+        # The gradient reaches back past the cue (13-16 and 58-60 frames before the fork).
+        assert {'short': 30, 'long': 75}[horizon] <= LSTM_BPTT[horizon] <= frames
         assert (got.episodes, got.laps, got.segments) == (1, 1, 3)

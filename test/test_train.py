@@ -206,14 +206,15 @@ def test_command_line_flags_override_the_config_file(tmp_path):
     code = run_train(
         *bags, '--out', out, '--config', tiny_config(tmp_path), '--no-cache',
         '--state', 'zero', '--seq-len', '4', '--burn-in', '1', '--stride', '5', '--lr', '0.002',
-        '--seed', '3',
+        '--seed', '3', '--bptt', '4',
         '--val-fraction', '0.4', '--no-class-weights', '--batch-size', '4', '--no-logdir',
     )  # fmt: skip
     assert code == 0
     meta = load_bundle(out).metadata
-    assert meta['seq_len'] == 5
+    assert meta['seq_len'] == 4  # the gradient reached back over the last 4 frames
     dataset = meta['extra']['dataset']
     assert (dataset['seq_len'], dataset['burn_in'], dataset['stride']) == (4, 1, 5)
+    assert dataset['bptt'] == 4  # trained through the last 4 frames: the first forward only
     assert dataset['state'] == 'zero' and meta['metrics']['training_state'] == 'zero'
     # Windows of burn-in 1 + 4 scored steps, from a zero state: 4 scored steps each.
     confusion = meta['metrics']['confusion']

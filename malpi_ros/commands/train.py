@@ -102,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--burn-in', type=int, help='unscored steps after a zero state')
     group.add_argument('--stride', type=int, help='frames between window starts (state zero)')
     group.add_argument(
+        '--bptt',
+        type=int,
+        metavar='N',
+        help='state zero: backpropagate through the last N frames of each window only (the '
+        'frames before run forward only); 0: the whole window',
+    )
+    group.add_argument(
         '--window',
         type=int,
         metavar='K',

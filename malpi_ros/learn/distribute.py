@@ -31,8 +31,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from malpi_ros.config import ModelConfig
 from malpi_ros.errors import ConfigError
 from malpi_ros.learn.dataset import share_by_episode
+from malpi_ros.learn.model import SEQUENCE_INPUT, build_carried_model
 from malpi_ros.learn.pipeline import (
     ChunkSource,
     WindowSource,
@@ -176,15 +178,45 @@ def _built(model: Any) -> bool:
 
 class WindowTrainer(ReplicaFit, keras.Model):
     """Fits ``sequence_model`` on window batches ``(x, y, sample_weight)`` with Keras' own
-    steps, under any strategy (the ``zero`` recipe)."""
+    steps (the ``zero`` recipe), under any strategy or none.
 
-    def __init__(self, sequence_model: keras.Model) -> None:
+    ``forward_only`` > 0 (``DatasetConfig.bptt``; ``cfg`` needed): in training, a window's
+    first ``forward_only`` frames run through the model's own layers (``build_carried_model``)
+    outside the gradient, and their final state, held constant, starts the rest. The outputs
+    are the sequence model's; the backward pass skips those frames. Inference (validation,
+    prediction) runs the sequence model whole.
+    """
+
+    def __init__(
+        self, sequence_model: keras.Model, cfg: ModelConfig | None = None, forward_only: int = 0
+    ) -> None:
         super().__init__(name='window_trainer')
         self.net = sequence_model
+        self.forward_only = forward_only
+        if forward_only:
+            if cfg is None:
+                raise ConfigError('forward-only frames need the model config (cfg)')
+            self.units = cfg.lstm_units
+            self.carried = build_carried_model(cfg, sequence_model)
         self.built = True  # every weight exists now (save and restore need it)
 
     def call(self, inputs: Any, training: bool = False) -> Any:
-        return self.net(inputs, training=training)
+        if not (training and self.forward_only):
+            return self.net(inputs, training=training)
+        cut = self.forward_only
+        zero = tf.zeros((tf.shape(inputs)[0], self.units), inputs.dtype)
+        head = self.carried(
+            {SEQUENCE_INPUT: inputs[:, :cut], 'h': zero, 'c': zero}, training=training
+        )
+        tail = self.carried(
+            {
+                SEQUENCE_INPUT: inputs[:, cut:],
+                'h': tf.stop_gradient(head['h_next']),
+                'c': tf.stop_gradient(head['c_next']),
+            },
+            training=training,
+        )
+        return tf.concat([tf.stop_gradient(head['probs']), tail['probs']], axis=1)
 
     def train_step(self, data: Any) -> dict[str, Any]:
         return replica_logs(super().train_step(data))

@@ -382,8 +382,11 @@ def train(
             model,
             policy,
             dt=float(prepared.recordings.dt),
-            # The longest stretch the gradient reached back over: a chunk, or a window.
-            seq_len=dataset.seq_len if dataset.state == 'carried' else dataset.window,
+            # The longest stretch the gradient reached back over: a chunk, or a window (its
+            # last bptt frames where set).
+            seq_len=dataset.seq_len
+            if dataset.state == 'carried'
+            else dataset.bptt or dataset.window,
             sources=_sources(prepared.recordings),
             metrics=json.loads(json.dumps(metrics)),
             extra={
@@ -637,7 +640,9 @@ def window_dataset(
     the last one scored, one starting at every frame. Other policies: ``dataset`` as given."""
     if not policy.window:
         return dataset
-    windows = replace(dataset, state='zero', burn_in=policy.window - 1, seq_len=1, stride=1)
+    windows = replace(
+        dataset, state='zero', burn_in=policy.window - 1, seq_len=1, stride=1, bptt=0
+    )
     if windows != dataset:
         log(
             f'window policy of {policy.window} frames: training on windows of '
@@ -676,7 +681,12 @@ def _fit_setup(
         make: Callable[..., Any] = make_chunk_dataset
         args: dict[str, Any] = {}
     else:
-        fit_model = model if strategy is None else distribute.WindowTrainer(model)
+        cut = dataset.forward_only
+        fit_model = (
+            model
+            if strategy is None and not cut
+            else distribute.WindowTrainer(model, policy.model, cut)
+        )
         compile_model(fit_model, train_cfg.learning_rate, jit_compile=xla)
         make = make_dataset
         args = {'batch_size': train_cfg.batch_size}

@@ -50,6 +50,9 @@ from malpi_ros.sim.world import SimConfig
 # 90 frames of driving before the cue (14-15 and 58-60 frames before the fork), so the cue is
 # learned from a state with history, as on the road (shorter windows lost it there).
 LSTM_BURN_IN = {'short': 110, 'long': 150}
+# The frames the LSTM's gradient runs through, counted back from a window's end
+# (``DatasetConfig.bptt``): back past the cue, with room (the frames before run forward only).
+LSTM_BPTT = {'short': 40, 'long': 90}
 
 # The demo's expert data: full laps, and short drives of one LSTM window each.
 COMPARE_RECORDING = RecordConfig(episodes=6, laps=2, segments=800, image_format='jpeg')
@@ -149,6 +152,7 @@ def run_compare(
                 'window': window or None,
                 'epochs': (window_epochs or epochs) if window else epochs,
                 'burn_in': None if window else LSTM_BURN_IN[horizon],
+                'bptt': None if window else LSTM_BPTT[horizon],
             }
             policy, dataset, train_cfg = build_configs(
                 read_config_file(train_config), overrides, str(train_config)
