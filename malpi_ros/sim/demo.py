@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument('--out', type=Path, default=Path('demo_runs'), help='runs go under here')
-    parser.add_argument('--laps', type=int, default=2, help='laps per ROS drive (default 2)')
+    parser.add_argument('--laps', type=int, default=1, help='laps per ROS drive (default 1)')
     parser.add_argument('--time-limit', type=float, default=None, help='wall s per drive')
     parser.add_argument('--train-config', type=Path, help='default: config/sim_train.yaml')
     parser.add_argument('--params', type=Path, help='default: config/nodes/sim.yaml (installed)')
