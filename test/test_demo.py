@@ -18,7 +18,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 import yaml
-from support import NODE_DIR, SHARE_DIR, ros_env
+from support import NODE_DIR, SHARE_DIR, ros_env, small_disk
 
 from malpi_ros.bagio import reader as bags
 from malpi_ros.config import PreprocessConfig
@@ -264,6 +264,22 @@ def test_recording_refuses_an_existing_path_and_bad_settings(tmp_path):
         RecordConfig(segment_end=(1.0, 0.5))
     with pytest.raises(demo.ConfigError, match='nothing to record'):
         RecordConfig(episodes=0, segments=0)
+
+
+def test_a_recording_that_fails_leaves_no_bag_and_a_full_disk_is_a_bag_error(tmp_path):
+    cfg = RecordConfig(episodes=0, segments=2, segment_frames=10, seed=2)
+
+    def interrupted(episode, _):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # not a write error: it comes out unchanged
+        record_expert(tmp_path / 'stopped', cfg, progress=interrupted)
+    assert not (tmp_path / 'stopped').exists()
+    # 20 raw frames are ~1.2 MB: a 256 KB disk fills while writing or closing.
+    with small_disk(tmp_path / 'disk', '256k') as disk:
+        with pytest.raises(demo.MalpiError, match=f'cannot write {disk / "bag"}: '):
+            record_expert(disk / 'bag', cfg)
+        assert not (disk / 'bag').exists()
 
 
 @pytest.mark.ros

@@ -8,7 +8,9 @@ Folders, not name suffixes, say where a module belongs (README "Layout"):
 - ``runtime/`` (what the robot loads) never imports ``nodes/``, and ``learn/`` only lazily
   (inside a function: the keras backend);
 - nothing imports ``nodes/`` but ``commands/``, lazily (``nodes/`` itself aside);
-- the base modules at the top import no layer folder.
+- the base modules at the top import no layer folder;
+- no module imports another's private (``_name``) function, class or constant: what two
+  modules share gets a public name.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ def _layer(name: str) -> str | None:
     return None
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith('_') and not name.startswith('__')
+
+
 def boundary_violations(package_dir: Path) -> list[str]:
     """'file:line imports X (rule)' for each import that breaks a folder rule; [] if none."""
     bad = []
@@ -103,6 +109,8 @@ def boundary_violations(package_dir: Path) -> list[str]:
                 rule = 'learn/ only lazily'
             elif here is None and target is not None:
                 rule = 'base imports no layer'
+            elif _matches(name, ('malpi_ros',)) and _is_private(name.rsplit('.', 1)[-1]):
+                rule = 'private name'
             if rule:
                 bad.append(f'{where}:{line} imports {name} ({rule})')
     return bad
@@ -129,11 +137,16 @@ def test_the_boundary_check_catches_a_crossing(tmp_path):
             'def run():\n    from malpi_ros.nodes.player_node import play\n'
         ),
         'config.py': 'from malpi_ros.runtime.image import decode\n',
+        'bagio/stamps.py': (
+            'from malpi_ros.bagio.reader import _pick, open_bag\n'
+            'from malpi_ros.runtime.latency import stamp_ns as _ns\n'
+        ),
     }
     for name, text in files.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
     assert boundary_violations(pkg) == [
+        'malpi_ros/bagio/stamps.py:1 imports malpi_ros.bagio.reader._pick (private name)',
         'malpi_ros/bagio/stats.py:1 imports malpi_ros.msg (ROS only in nodes/)',
         'malpi_ros/bagio/stats.py:2 imports action_msgs.msg (ROS only in nodes/)',
         'malpi_ros/commands/play.py:1 imports malpi_ros.nodes (nodes/ only lazily)',

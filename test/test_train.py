@@ -72,6 +72,26 @@ def run_train(*args):
     return cli.main(['train', *map(str, args), '--verbose', '0'])
 
 
+@pytest.fixture
+def step_traces(monkeypatch):
+    """The class of each model whose train step was traced (each Python call is a trace):
+    a run should trace its step once (``train.build_before_fit``), not twice."""
+    import keras
+
+    from malpi_ros.learn.carried_state import CarriedStateTrainer
+
+    traced: list[str] = []
+    for cls in (CarriedStateTrainer, keras.Model):
+        real = cls.train_step
+
+        def counted(self, data, real=real):
+            traced.append(type(self).__name__)
+            return real(self, data)
+
+        monkeypatch.setattr(cls, 'train_step', counted)
+    return traced
+
+
 # -- the pipeline -----------------------------------------------------------------------------
 
 
@@ -144,7 +164,7 @@ def test_every_window_once_per_epoch_in_a_new_seeded_order(tmp_path):
     ids=['mcap-raw-twist', 'sqlite3-jpeg-twiststamped-16px'],
 )
 def test_train_writes_a_loadable_bundle_with_its_reports(
-    tmp_path, capsys, storage, compressed, stamped, size
+    tmp_path, capsys, step_traces, storage, compressed, stamped, size
 ):
     height, width = size
     bags = drive_bags(
@@ -158,6 +178,7 @@ def test_train_writes_a_loadable_bundle_with_its_reports(
         assert run_train(*bags, '--out', out, '--config', config) == 0
     # The carried chunks end each epoch by running out of data, by design: no warning about it.
     assert not [w for w in seen if 'ran out of data' in str(w.message)]
+    assert step_traces == ['CarriedStateTrainer']  # traced once: built before fit
     printed = capsys.readouterr().out
     assert re.search(r'epoch 1/2: \d+ s an epoch, at most \d+ s left', printed), printed
     assert re.search(r'epoch 2/2: \d+ s an epoch, at most 0 s left', printed), printed
@@ -200,7 +221,7 @@ def test_train_writes_a_loadable_bundle_with_its_reports(
     assert 'cache hit' in (out / 'summary.txt').read_text()
 
 
-def test_command_line_flags_override_the_config_file(tmp_path):
+def test_command_line_flags_override_the_config_file(tmp_path, step_traces):
     bags = drive_bags(tmp_path, count=2, n=30)
     out = tmp_path / 'b'
     code = run_train(
@@ -210,6 +231,7 @@ def test_command_line_flags_override_the_config_file(tmp_path):
         '--val-fraction', '0.4', '--no-class-weights', '--batch-size', '4', '--no-logdir',
     )  # fmt: skip
     assert code == 0
+    assert step_traces == ['Functional']  # the zero recipe fits the model itself, traced once
     meta = load_bundle(out).metadata
     assert meta['seq_len'] == 4  # the gradient reached back over the last 4 frames
     dataset = meta['extra']['dataset']

@@ -452,9 +452,13 @@ def _listing(source: BagSummary | Bag) -> tuple[str, list[tuple[str, str, int]]]
     return source.name, [(n, t, c) for n, (t, c) in sorted(source.topics.items())]
 
 
-def _pick(
+def pick_topic(
     source: BagSummary | Bag, wanted: str | None, types: dict[str, str], what: str, flag: str
 ) -> tuple[str, str]:
+    """(topic, kind) of the one non-empty topic of a type in ``types`` (type -> kind), or the
+    one named ``wanted``, checked. Shared by every reader that finds its topics by type, so a
+    missing, empty, ambiguous or mistyped topic reads the same everywhere: a BagError naming
+    the bag, ``what`` it looked for, what the bag has and the ``flag`` that chooses."""
     name, items = _listing(source)
     has = describe_topics(source if isinstance(source, BagSummary) else source.topics)
     kinds = ' or '.join(types)
@@ -492,11 +496,11 @@ def find_topics(
     ambiguous topic, or a named one of the wrong type, is a BagError that lists what the bag
     has (topic: type (count)).
     """
-    image = _pick(source, image_topic, IMAGE_TYPES, 'image', '--image-topic')
+    image = pick_topic(source, image_topic, IMAGE_TYPES, 'image', '--image-topic')
     if cmd_topic is None:
         # A drive with a takeover holds cmd_vel, teleop/cmd_vel and the driver's ~/applied:
         # label from what was applied (it says who drove), not from one of the requests.
         applied = [n for n, t, c in _listing(source)[1] if t == APPLIED_TYPE and c > 0]
         cmd_topic = applied[0] if len(applied) == 1 else None
-    cmd = _pick(source, cmd_topic, CMD_TYPES, 'command', '--cmd-topic')
+    cmd = pick_topic(source, cmd_topic, CMD_TYPES, 'command', '--cmd-topic')
     return Topics(image[0], image[1], cmd[0], cmd[1])

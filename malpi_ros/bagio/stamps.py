@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from malpi_ros.bagio.reader import APPLIED_TYPE, Bag, _pick, open_bag
+from malpi_ros.bagio.reader import APPLIED_TYPE, Bag, open_bag, pick_topic
 from malpi_ros.errors import BagError
 from malpi_ros.runtime.latency import Applied, LatencyReport, PolicyStamps, report
 from malpi_ros.runtime.latency import stamp_ns as _ns
@@ -84,10 +84,10 @@ def read_stamps(
     """The stamps of a recorded run (topics by type unless named); BagError naming the bag and
     the topic when one is missing, empty, ambiguous or without stamps."""
     with open_bag(path) as bag:
-        output, _ = _pick(
+        output, _ = pick_topic(
             bag, output_topic, {OUTPUT_TYPE: 'output'}, "policy_node's ~/output", '--output-topic'
         )
-        applied, _ = _pick(
+        applied, _ = pick_topic(
             bag,
             applied_topic,
             {APPLIED_TYPE: 'applied'},

@@ -478,6 +478,8 @@ def _fit(
         fit_model, train_ds, val_ds = _fit_setup(
             model, prepared, policy, dataset, train_cfg, strategy, where, log
         )
+        if strategy is None:
+            build_before_fit(fit_model, train_ds)
     monitor = 'val_loss' if val_ds is not None else 'loss'
     best = BestWeights(monitor)
     stopper = keras.callbacks.EarlyStopping(
@@ -700,6 +702,17 @@ def _fit_setup(
         else None
     )
     return fit_model, train_ds, val_ds
+
+
+def build_before_fit(fit_model: keras.Model, train_ds: Any) -> None:
+    """Create the optimizer's variables (and the compiled loss and metrics) before ``fit``.
+
+    Without a strategy Keras defers this to the first trace of the train step, and a
+    ``tf.function`` whose first trace creates variables is traced a second time: one trace
+    of the step fewer per run (under a strategy ``ReplicaFit`` builds first already). Built
+    from the batch shapes, so no batch is drawn (the chunk plan's generator is not advanced)
+    and the variables start as zeros as before: the run is the same number for number."""
+    fit_model._symbolic_build(data_batch=train_ds.element_spec)
 
 
 def _score(

@@ -276,9 +276,8 @@ def record_expert(
     if out.exists():
         raise BagError(f'{out} exists; recording never overwrites a bag')
     int_at_least('record workers', workers, 1)
-    tape = _Tape(out, config, sim)
     summaries: list[dict[str, Any]] = []
-    try:
+    with _Tape(out, config, sim) as tape:
         limited = config.max_frames > 0  # the rest of an episode is cut: one process
         room = (lambda: config.max_frames - tape.frames) if limited else None
         driven = _driven(out, config, sim, 1 if limited else workers, room)
@@ -289,13 +288,6 @@ def record_expert(
             if progress is not None:
                 progress(episode, summary)
             tape.pause()
-        tape.close()
-    except (WriterError, OSError) as err:
-        tape.discard()
-        raise BagError(f'cannot write {out}: {err}') from err
-    except BaseException:
-        tape.discard()
-        raise
     return RecordResult(out, tape.frames, tape.frames * sim.dt, tuple(summaries))
 
 
@@ -402,8 +394,7 @@ def record_supervised(
     out = Path(out)
     if out.exists():
         raise BagError(f'{out} exists; recording never overwrites a bag')
-    tape = _Tape(out, config, sim, takeovers=True)
-    try:
+    with _Tape(out, config, sim, takeovers=True) as tape:
         summary = drive_supervised(
             Path(bundle),
             laps,
@@ -412,13 +403,6 @@ def record_supervised(
             supervisor_config=supervisor,
             on_frame=tape.write_supervised,
         )
-        tape.close()
-    except (WriterError, OSError) as err:
-        tape.discard()
-        raise BagError(f'cannot write {out}: {err}') from err
-    except BaseException:
-        tape.discard()
-        raise
     return RecordResult(out, tape.frames, tape.frames * sim.dt, (summary,))
 
 
@@ -490,7 +474,12 @@ def _segment(
 
 
 class _Tape:
-    """The open bag and the sim clock it is stamped with."""
+    """The open bag and the sim clock it is stamped with.
+
+    Used as a context manager: the bag is closed when the block ends cleanly and removed
+    (never left half-written) when it raises or the close fails; a write error (``WriterError``,
+    ``OSError``) comes out as a ``BagError`` naming the bag, any other exception unchanged.
+    """
 
     def __init__(
         self, out: Path, config: RecordConfig, sim: SimConfig, *, takeovers: bool = False
@@ -580,8 +569,24 @@ class _Tape:
         """The pause between episodes: longer than a dataset's episode gap."""
         self.t_ns += round(self.config.episode_gap * 1e9)
 
-    def close(self) -> None:
-        self.writer.close()
+    def __enter__(self) -> _Tape:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, traceback: Any
+    ) -> None:
+        failed = err
+        if failed is None:
+            try:
+                self.writer.close()
+                return
+            except BaseException as close_err:
+                failed = close_err
+        self.discard()
+        if isinstance(failed, WriterError | OSError):
+            raise BagError(f'cannot write {self.out}: {failed}') from failed
+        if failed is not err:
+            raise failed
 
     def discard(self) -> None:
         """Close what can be closed and remove the unfinished bag directory."""
