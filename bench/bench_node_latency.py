@@ -14,16 +14,19 @@ belongs to the k-th output (both reliable, published in that order per step); th
 names the frame.
 
 Reported per backend, over the measured window (after a warm-up): latency publish -> Twist
-(median, p99, max), Twists / frames sent, the node's own counts (received, skipped, late),
-its CPU (% of one core) and peak RSS (VmHWM, start-up included), the ~/reset service round trip
-while stepping, and two checks of "no frame older than the newest processed": output stamps
-strictly increasing, and how many outputs arrived after the next frame had been sent (the node
-was still on an older frame when a newer one existed). Then the stages of the frame path as the
-node itself timed them (its /diagnostics, medians over its last 300 frames): frame age when the
-callback ran (transport + executor), decode, fit (crop + resize), normalize, model, publish
-(Twist and PolicyOutput), the whole callback. Targets (litert): median <= 3 ms, p99 <= 10 ms,
-a Twist for every frame sent, ~/reset p90 <= 5 ms, peak RSS <= 300 MB. The CPU (cores, AVX-512
-or not) and the load are printed with the figures: on a shared machine the tails follow the load.
+(median, p99, max), Twists / frames sent, the node's own counts (received, skipped,
+superseded, late), its CPU (% of one core, and ms of CPU per frame received) and peak RSS
+(VmHWM, start-up included), the ~/reset service round trip while stepping, and two checks of
+"no frame older than the newest processed": output stamps strictly increasing, and how many
+outputs arrived after the next frame had been sent (the node was still on an older frame when
+a newer one existed). Then the stages of the frame path as the node itself timed them (its
+/diagnostics, medians over its last 300 frames): frame age when the callback ran (transport +
+executor), the hand-off to the stepping thread, decode, fit (crop + resize), normalize, model,
+the command (Twist built and published, first), the rest (counters and PolicyOutput), all of
+it. Targets (litert): median <= 3 ms, p99 <= 10 ms, a Twist for every frame sent, ~/reset p90
+<= 5 ms, peak RSS <= 300 MB. The CPU (cores, AVX-512 or not) and the load are printed with the
+figures: on a shared machine the tails follow the load, and CPU per frame is the steadier
+figure to compare.
 
 Runs with its own ROS_DOMAIN_ID and localhost-only discovery (DESIGN §6).
 """
@@ -85,13 +88,15 @@ class Record:
 # The node's own per-stage medians on /diagnostics (node_stats.STAGES), in path order.
 STAGE_KEYS = (
     ('frame_age_ms_p50', 'frame age when the callback ran (+ transport + executor)'),
+    ('handoff_ms_p50', 'handoff: image callback -> stepping thread'),
     ('decode_ms_p50', 'decode'),
     ('fit_ms_p50', 'fit (crop + resize)'),
     ('normalize_ms_p50', 'normalize'),
     ('model_ms_p50', 'model (LiteRT / Keras step)'),
-    ('publish_ms_p50', 'message build + publish (Twist, PolicyOutput)'),
-    ('callback_ms_p50', 'the image callback, all of it'),
-    ('callback_ms_p99', 'the image callback, p99'),
+    ('command_ms_p50', 'command: Twist built + published (first)'),
+    ('output_ms_p50', 'then counters + PolicyOutput built + published'),
+    ('callback_ms_p50', 'all of it: image callback start -> ~/output published'),
+    ('callback_ms_p99', 'all of it, p99'),
 )
 
 
@@ -243,11 +248,13 @@ def run_backend(backend: str, bundle: Path, args: argparse.Namespace, log: Path)
             overtaken += 1
 
     def delta(name: str) -> str:
-        if diag_start is None or diag_end is None:
-            return 'n/a'
+        if diag_start is None or diag_end is None or name not in diag_end:
+            return 'n/a'  # (a node of an older commit may not count it)
         return str(int(diag_end[name]) - int(diag_start[name]))
 
     stage_values = {k: diag_end.get(k, 'n/a') for k, _ in STAGE_KEYS} if diag_end else {}
+    received = delta('received')
+    got = int(received) if received != 'n/a' else len(sent_window)
     return {
         'backend': backend,
         'stages': stage_values,
@@ -258,10 +265,13 @@ def run_backend(backend: str, bundle: Path, args: argparse.Namespace, log: Path)
         'max_ms': max(latencies, default=float('nan')),
         'output_median_ms': statistics.median(output_latencies) if latencies else float('nan'),
         'inference_median_ms': statistics.median([o[2] for o, _ in window]) if window else 0,
-        'received': delta('received'),
+        'received': received,
         'skipped': delta('skipped'),
+        'superseded': delta('superseded'),
         'late': delta('late'),
         'cpu_percent': (cpu_end - cpu_start) / (end - wall_start) * 100,
+        # Per frame the node got (the load moves this far less than the latencies).
+        'cpu_ms_per_frame': (cpu_end - cpu_start) * 1e3 / max(1, got),
         'peak_rss_mb': peak / 1e6,
         'service_median_ms': statistics.median(service_ms) if service_ms else float('nan'),
         'service_p90_ms': percentile(service_ms, 90),
@@ -285,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument('--backends', nargs='+', default=['litert', 'keras'])
     parser.add_argument(
+        '--bundle',
+        type=Path,
+        help='step this bundle (dt must match --dt) instead of building one: alternate runs '
+        'without paying TensorFlow each time',
+    )
+    parser.add_argument(
         '--no-service-calls', dest='service_calls', action='store_false', help='skip ~/reset'
     )
     args = parser.parse_args(argv)
@@ -294,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()  # other processes' CPU use changes the tail latencies a lot
     with tempfile.TemporaryDirectory(prefix='bench_node_latency_') as tmp:
-        bundle = Path(tmp) / 'bundle'
-        subprocess.run(
-            [sys.executable, '-c', BUILD_BUNDLE, str(bundle), str(args.dt)],
-            check=True,
-            capture_output=True,
-        )
+        bundle = args.bundle or Path(tmp) / 'bundle'
+        if args.bundle is None:
+            subprocess.run(
+                [sys.executable, '-c', BUILD_BUNDLE, str(bundle), str(args.dt)],
+                check=True,
+                capture_output=True,
+            )
         results = []
         for backend in args.backends:
             log = Path(tmp) / f'{backend}.log'
@@ -334,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         ('inference in the node, median (ms)', 'inference_median_ms', '{:.2f}', ''),
         ('frames sent', 'sent', '{}', ''),
         ('Twists received for them', 'twists', '{}', '= frames sent'),
-        ('node: frames received / skipped / late', None, '', ''),
+        ('node: frames received / skipped / superseded / late', None, '', ''),
         ('node CPU (% of one core)', 'cpu_percent', '{:.0f}', ''),
+        ('node CPU per frame received (ms)', 'cpu_ms_per_frame', '{:.2f}', ''),
         ('node peak RSS (MB)', 'peak_rss_mb', '{:.0f}', '<= 300'),
         ('~/reset round trip while stepping, median / p90 / max (ms)', None, '', 'p90 <= 5'),
         ('outputs out of stamp order', 'out_of_order', '{}', '0'),
@@ -343,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, key, fmt, target in rows:
         if label.startswith('node: frames'):
-            cells = [f'{r["received"]} / {r["skipped"]} / {r["late"]}' for r in results]
+            cells = [
+                f'{r["received"]} / {r["skipped"]} / {r["superseded"]} / {r["late"]}'
+                for r in results
+            ]
         elif label.startswith('~/reset'):
             cells = [
                 f'{r["service_median_ms"]:.1f} / {r["service_p90_ms"]:.1f} / '

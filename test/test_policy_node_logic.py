@@ -258,10 +258,20 @@ def test_stats_report_the_median_of_each_stage_of_the_frame_path():
     stats = NodeStats(window=10)
     assert stats.report(0.0).value('model_ms_p50') == 'n/a'
     for i in range(5):
-        stats.timed(decode=0.1, fit=0.2, normalize=0.3, model=1.0 + i, publish=0.5, callback=3.0)
+        stats.timed(
+            handoff=0.05, decode=0.1, fit=0.2, normalize=0.3, model=1.0 + i, command=0.4,
+            output=0.5, callback=3.0,
+        )  # fmt: skip
+    stats.timed(handoff=0.05, decode=0.1, fit=0.2, normalize=0.3, model=3.0, output=0.5,
+                callback=3.0)  # fmt: skip
     report = stats.report(1.0)
+    # In path order; the Twist's own stage apart from the rest of the publishing that follows
+    # it; a step without a command (disabled) leaves the command stage alone.
+    assert STAGES == (
+        'handoff', 'decode', 'fit', 'normalize', 'model', 'command', 'output', 'callback'
+    )  # fmt: skip
     assert [report.value(f'{s}_ms_p50') for s in STAGES] == [
-        '0.100', '0.200', '0.300', '3.000', '0.500', '3.000'
+        '0.050', '0.100', '0.200', '0.300', '3.000', '0.400', '0.500', '3.000'
     ]  # fmt: skip
     assert report.value('callback_ms_p99') == '3.000'
     with pytest.raises(ValueError, match=r"unknown stages \['resize'\]"):

@@ -38,10 +38,17 @@ live in pure modules tested without ROS.
 - SIGINT/SIGTERM: a final zero Twist, acknowledged by the subscribers, then exit code 0. A bad
   parameter or bundle: one FATAL line naming it, exit code 2.
 
-Threads: a multi-threaded executor with three callback groups (image; services; timers), so
-the services and the stop timer answer while a step runs. ``Policy.reset`` is thread-safe. The
-command lock makes "check enabled, publish cmd_vel" atomic against ``~/enable``: no command of
-a step can arrive after the zero Twist of a disable.
+Threads: rclpy's ``EventsExecutor`` (C++, one thread) runs every callback, a stepping thread
+(``runtime.newest.NewestWorker``) steps the frames and another one builds the diagnostics
+reports. The image callback only notes the time and hands the frame over, so ``~/reset``,
+``~/enable`` and the stop timer never wait behind a step nor a report; a frame that arrives
+while one is stepped waits in a slot of one, where a newer frame replaces it (counted
+``superseded``). Measured on 2 cores (README, Benchmarks): rclpy's multi-threaded executor
+spent ~5 ms of Python per frame rebuilding its wait set in its own thread, about half the
+node's CPU. ``Policy.reset`` is thread-safe (a reset during a step wins). The command lock makes
+"check enabled, publish cmd_vel" atomic against ``~/enable``: no command of a step can arrive
+after the zero Twist of a disable, nor after the last words (``close`` ends the stepping thread
+first).
 """
 
 from __future__ import annotations
@@ -49,14 +56,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.duration import Duration
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.experimental import EventsExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -82,8 +88,9 @@ from malpi_ros.nodes.runner import (
 from malpi_ros.runtime import image, latency
 from malpi_ros.runtime.actions import twist_for
 from malpi_ros.runtime.frame_gate import LATE, SKIPPED, FrameGate, SilenceWatch, SimClockWatch
+from malpi_ros.runtime.newest import NewestWorker
 from malpi_ros.runtime.node_stats import NodeStats
-from malpi_ros.runtime.policy import Policy
+from malpi_ros.runtime.policy import Policy, StepTimes
 from malpi_ros.runtime.takeover import SOURCES, OverrideWatch
 
 LOG_PERIOD = 2.0  # s between repeated logs of one kind of bad frame or error
@@ -91,7 +98,7 @@ FLUSH_TIMEOUT = 1.0  # s to wait for the final zero Twist to be acknowledged
 # s: an ~/applied report older than this flags nothing (the driver reports at 10 Hz and at
 # every change; a driver that died mid-takeover must not flag the rest of the drive).
 APPLIED_STALE = 1.0
-EXECUTOR_THREADS = 3  # one per callback group
+STEP_DRAIN = 1.0  # s: how long close() waits for a step (or a report) in progress to end
 # Published steps kept to match the driver's ~/applied to (live latency): the driver applies a
 # command within milliseconds, so a few frames are plenty.
 RECENT_STEPS = 16
@@ -142,6 +149,16 @@ def load_policy(cfg: PolicyNodeConfig) -> Policy:
     return policy
 
 
+class _Frame(NamedTuple):
+    """A frame as the image callback handed it over: the message, ``perf_counter_ns`` when the
+    callback began, and the node's clock (ns) read at ``perf_counter_ns`` ``anchor``."""
+
+    msg: Image | CompressedImage
+    started: int
+    clock_ns: int
+    anchor: int
+
+
 def _stamp_seconds(stamp: Any) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
@@ -177,10 +194,21 @@ class PolicyNode(Node):
         # driver repeats a report at its rate, one command counts once. Guarded by _cmd_lock.
         self._recent: deque[latency.PolicyStamps] = deque(maxlen=RECENT_STEPS)
         self._matched_command = 0
+        # Built once, refilled per frame by the stepping thread alone (publish() serializes a
+        # message before it returns): a message costs more to construct than to fill.
+        self._twist = Twist()
+        self._out = PolicyOutput()
 
-        image_group = MutuallyExclusiveCallbackGroup()  # steps are serialized anyway
-        service_group = MutuallyExclusiveCallbackGroup()
-        timer_group = MutuallyExclusiveCallbackGroup()
+        # The stepping thread (module doc, Threads): frames are stepped there, never on the
+        # executor's thread, which the services and the stop timer need.
+        self._frames: NewestWorker[_Frame] = NewestWorker(
+            self._on_frame, self._on_worker_error, name='policy_node-step'
+        )
+        # The diagnostics report too (percentiles of every stage: milliseconds of numpy, more
+        # on a loaded machine), so that it never holds up a frame's hand-over or a service.
+        self._reports: NewestWorker[float] = NewestWorker(
+            self._report, self._on_worker_error, name='policy_node-diagnostics'
+        )
 
         # Reliable depth 10, as teleop and nav2 publish cmd_vel: the final zero must arrive.
         self._cmd = self.create_publisher(Twist, CMD_VEL_TOPIC, 10)
@@ -188,18 +216,16 @@ class PolicyNode(Node):
         self._diagnostics = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         msg_type = CompressedImage if self.cfg.compressed else Image
         self._image_sub = self.create_subscription(
-            msg_type, IMAGE_TOPIC, self._on_image, IMAGE_QOS, callback_group=image_group
+            msg_type, IMAGE_TOPIC, self._on_image, IMAGE_QOS
         )
         # Reliable depth 10, as the driver publishes it: a takeover's start and end both count.
-        self.create_subscription(
-            AppliedCommand, APPLIED_TOPIC, self._on_applied, 10, callback_group=service_group
-        )
-        self.create_service(Trigger, '~/reset', self._on_reset, callback_group=service_group)
-        self.create_service(SetBool, '~/enable', self._on_enable, callback_group=service_group)
+        self.create_subscription(AppliedCommand, APPLIED_TOPIC, self._on_applied, 10)
+        self.create_service(Trigger, '~/reset', self._on_reset)
+        self.create_service(SetBool, '~/enable', self._on_enable)
         # Check silence at a fraction of stop_after, so the stop comes at most ~25% late.
         period = min(0.05, self.cfg.stop_after / 4)
-        steady_timer(self, period, self._on_silence_tick, timer_group)
-        steady_timer(self, self.cfg.diagnostics_period, self._on_diagnostics, timer_group)
+        steady_timer(self, period, self._on_silence_tick)
+        steady_timer(self, self.cfg.diagnostics_period, self._on_diagnostics)
 
         model = self.policy.config.model
         self.get_logger().info(
@@ -218,8 +244,19 @@ class PolicyNode(Node):
     # -- frames ----------------------------------------------------------------------------
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
+        """On the executor's thread: note when the frame came and hand it to the stepping thread
+        (a frame still waiting there is replaced by this newer one and counted superseded)."""
+        started = time.perf_counter_ns()  # per-stage times for /diagnostics (~1 us to take)
+        now_ns = self.get_clock().now().nanoseconds
+        anchor = time.perf_counter_ns()  # the stage marks go on the clock from this pair
+        if self._frames.offer(_Frame(msg, started, now_ns, anchor)):
+            self.stats.frame(None)
+            self.stats.count('superseded')
+
+    def _on_frame(self, frame: _Frame) -> None:
+        """On the stepping thread: one frame, all of it."""
         try:
-            self._step_on(msg)
+            self._step_on(frame)
         except Exception as err:  # DESIGN §7.6: log, count, stop, go on
             self.stats.count('errors')
             self.get_logger().error(
@@ -235,14 +272,21 @@ class PolicyNode(Node):
                     throttle_duration_sec=LOG_PERIOD,
                 )
 
+    def _on_worker_error(self, err: BaseException) -> None:
+        """A worker's handler raised (a report, or ``_on_frame``'s own guard): count and log it;
+        the stop timer stops the wheels if no command follows."""
+        self.stats.count('errors')
+        self.get_logger().error(
+            f'{type(err).__name__} in a worker thread: {err}', throttle_duration_sec=LOG_PERIOD
+        )
+
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _step_on(self, msg: Image | CompressedImage) -> None:
-        started = time.perf_counter_ns()  # per-stage times for /diagnostics (~1 us to take)
+    def _step_on(self, frame: _Frame) -> None:
+        msg, started, now_ns, anchor = frame
+        taken = time.perf_counter_ns()
         clock = self.get_clock()
-        now_ns = clock.now().nanoseconds
-        anchor = time.perf_counter_ns()  # the stage marks go on the clock from this pair
         now = now_ns * 1e-9
         if clock.ros_time_is_active:  # type: ignore[attr-defined]  # a ROSClock
             problem = self._sim_clock.problem(now, time.monotonic())
@@ -296,28 +340,20 @@ class PolicyNode(Node):
             self.policy.reset()
         epoch = self._take_epoch()
         result = self.policy.step(rgb)
-        stepped = time.perf_counter_ns()
-        self.gate.stepped(decision.time)
-        self.stats.step(result.inference_ms)
+        # The command first: everything below it (the gate, counters, ~/output, stage times)
+        # waits until the Twist is out (it is what the wheels wait for).
         linear_x, angular_z = twist_for(result.action, self._actions)
-        twist = Twist()
+        twist = self._twist  # reused (see __init__)
         twist.linear.x = linear_x
         twist.angular.z = angular_z
-        commanded = self._publish_command(twist, epoch, feed=True)
-        published = time.perf_counter_ns() if commanded else 0
-        overridden = self._overridden()
-        received, preprocessed, model_done, sent = latency.on_clock(
-            now_ns, anchor, (started, result.times.normalized_ns, result.times.end_ns, published)
+        stamps, overridden = self._command_step(
+            twist, epoch, msg.header.stamp, (now_ns, anchor), started, result.times
         )
-        stamps = latency.PolicyStamps(
-            latency.stamp_ns(msg.header.stamp), received, preprocessed, model_done, sent
-        )
-        if sent and not overridden:
-            # Before ~/output goes out: the driver's ~/applied for this command can be back
-            # within a millisecond or two, and must find its step here.
-            with self._cmd_lock:
-                self._recent.append(stamps)
-        out = PolicyOutput()
+        commanded = stamps.published != 0
+        command_done = time.perf_counter_ns()
+        self.gate.stepped(decision.time)
+        self.stats.step(result.inference_ms)
+        out = self._out  # reused, as the Twist
         out.header = msg.header
         out.probabilities = result.probabilities.tolist()
         out.action = result.action
@@ -326,20 +362,23 @@ class PolicyNode(Node):
         out.inference_ms = result.inference_ms
         out.enabled = commanded
         out.overridden = overridden
-        set_time(out.received, received)
-        set_time(out.preprocessed, preprocessed)
-        set_time(out.stepped, model_done)
-        set_time(out.published, sent)
+        set_time(out.received, stamps.received)
+        set_time(out.preprocessed, stamps.preprocessed)
+        set_time(out.stepped, stamps.stepped)
+        set_time(out.published, stamps.published)
         self._output.publish(out)
         done = time.perf_counter_ns()
         self.stats.stamped(stamps)
         self.stats.timed(
+            handoff=(taken - started) * 1e-6,
             decode=(decoded - decode_started) * 1e-6,
             fit=result.times.fit_ms,
             normalize=result.times.normalize_ms,
             model=result.times.model_ms,
-            publish=(done - stepped) * 1e-6,
+            output=(done - command_done) * 1e-6,
             callback=(done - started) * 1e-6,
+            # Twist built and published (none while disabled: nothing to time).
+            **({'command': (stamps.published - stamps.stepped) * 1e-6} if commanded else {}),
         )
 
     def _epoch_now(self) -> int:
@@ -354,15 +393,46 @@ class PolicyNode(Node):
                 self._reset_pending = False
             return self._epoch
 
-    def _publish_command(self, twist: Twist, epoch: int, feed: bool = False) -> bool:
+    def _publish_command(self, twist: Twist, epoch: int) -> bool:
         """Publish on cmd_vel if enabled and not switched since ``epoch``; True if published."""
         with self._cmd_lock:
             if not self._enabled or self._epoch != epoch:
                 return False
             self._cmd.publish(twist)
-            if feed:
-                self._silence.feed(time.monotonic())
             return True
+
+    def _command_step(
+        self,
+        twist: Twist,
+        epoch: int,
+        frame: Any,
+        clock: tuple[int, int],
+        started: int,
+        times: StepTimes,
+    ) -> tuple[latency.PolicyStamps, bool]:
+        """Publish a step's Twist as ``_publish_command`` does, then its stamps and whether a
+        takeover overrides it. One hold of the command lock: the driver's ``~/applied`` for
+        this command (back within a millisecond or two) waits for its step to be in ``_recent``.
+        ``clock``: (the node's clock, ``perf_counter_ns``) read together at the callback's start.
+        """
+        with self._cmd_lock:
+            published = 0
+            if self._enabled and self._epoch == epoch:
+                self._cmd.publish(twist)
+                published = time.perf_counter_ns()
+            now = time.monotonic()
+            if published:
+                self._silence.feed(now)
+            overridden = self._override.overridden(now)
+            received, preprocessed, stepped, sent = latency.on_clock(
+                *clock, (started, times.normalized_ns, times.end_ns, published)
+            )
+            stamps = latency.PolicyStamps(
+                latency.stamp_ns(frame), received, preprocessed, stepped, sent
+            )
+            if sent and not overridden:
+                self._recent.append(stamps)
+        return stamps, overridden
 
     # -- takeover --------------------------------------------------------------------------
 
@@ -387,10 +457,6 @@ class PolicyNode(Node):
                 + ('; LSTM state reset before the next step' if self.cfg.reset_on_handback else '')
             )
 
-    def _overridden(self) -> bool:
-        with self._cmd_lock:
-            return self._override.overridden(time.monotonic())
-
     # -- timers ----------------------------------------------------------------------------
 
     def _on_silence_tick(self) -> None:
@@ -404,8 +470,12 @@ class PolicyNode(Node):
         )
 
     def _on_diagnostics(self) -> None:
+        """On the executor's thread: ask the report thread for a report (one at a time)."""
+        self._reports.offer(time.monotonic())
+
+    def _report(self, now: float) -> None:
         report = self.stats.report(
-            time.monotonic(),
+            now,
             extra=(
                 ('steps_since_reset', str(self.policy.steps_since_reset)),
                 ('enabled', str(self.enabled).lower()),
@@ -461,7 +531,12 @@ class PolicyNode(Node):
     last_words = 'publishing a zero Twist and exiting'  # close(), said in the log
 
     def close(self) -> None:
-        """Publish a final zero Twist and wait until it is acknowledged (call with no spin)."""
+        """End the stepping thread, publish a final zero Twist and wait until it is acknowledged
+        (call with no spin)."""
+        if not self._frames.stop(STEP_DRAIN):
+            # A step still running: the epoch below keeps its command off cmd_vel.
+            self.get_logger().warning(f'a step did not end within {STEP_DRAIN} s')
+        self._reports.stop(STEP_DRAIN)
         with self._cmd_lock:
             self._enabled = False
             self._epoch += 1
@@ -477,7 +552,7 @@ def main(args: list[str] | None = None) -> None:
         NODE_NAME,
         PolicyNode,
         args,
-        executor=lambda: MultiThreadedExecutor(num_threads=EXECUTOR_THREADS),
+        executor=EventsExecutor,
     )
 
 

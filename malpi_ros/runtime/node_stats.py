@@ -25,11 +25,14 @@ from malpi_ros.runtime import latency
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 
-COUNTERS = ('received', 'stepped', 'skipped', 'late', 'malformed', 'errors')
-# Stages of the frame path in the node (ms): decode the message, fit (crop + resize), normalize
-# (into the model's input), model (the runtime call), publish (build and publish Twist and
-# PolicyOutput), callback (the image callback from its start to both published).
-STAGES = ('decode', 'fit', 'normalize', 'model', 'publish', 'callback')
+# superseded: replaced while waiting for the stepping thread by a newer frame (policy_node).
+COUNTERS = ('received', 'stepped', 'skipped', 'superseded', 'late', 'malformed', 'errors')
+# Stages of the frame path in the node (ms), in order: handoff (the image callback to the
+# stepping thread), decode the message, fit (crop + resize), normalize (into the model's input),
+# model (the runtime call), command (the Twist built and published: it goes first), output (then
+# the rest: counters, PolicyOutput built and published); callback: all of them, from the image
+# callback's start to the output published.
+STAGES = ('handoff', 'decode', 'fit', 'normalize', 'model', 'command', 'output', 'callback')
 _PROBLEMS = (('malformed', 'malformed frames'), ('late', 'late frames'), ('errors', 'errors'))
 
 
