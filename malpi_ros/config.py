@@ -208,8 +208,8 @@ class DatasetConfig:
     ``bptt`` (``zero`` only): the gradient flows through a window's last ``bptt`` frames; the
     frames before run forward only, their final state held constant for the rest (R2D2's
     burn-in). The outputs and the loss are the window's own; the backward pass, two thirds of
-    a step's compute, covers ``bptt`` frames instead of the window. 0: the whole window. It
-    must reach back from the decisions to their cue (``seq_len`` <= ``bptt`` <= window).
+    a step's compute, covers ``bptt`` frames instead of the window. 0, or at least the window:
+    the whole window. It must reach back from the decisions to their cue (>= ``seq_len``).
     """
 
     lag: float = 0.0
@@ -238,10 +238,10 @@ class DatasetConfig:
                 f'bptt truncates zero-state windows (state: zero); with state {self.state!r} '
                 f'the gradient already stops at chunk boundaries: got bptt={self.bptt}'
             )
-        if self.bptt and not self.seq_len <= self.bptt <= self.window:
+        if self.bptt and self.bptt < self.seq_len:
             raise ConfigError(
-                f'bptt must be 0 (the whole window) or from seq_len ({self.seq_len}) to the '
-                f'window ({self.window} frames), got {self.bptt}'
+                f'bptt must be 0 (the whole window) or at least seq_len ({self.seq_len}): the '
+                f'scored frames need their gradient; got {self.bptt}'
             )
 
     @property
@@ -252,7 +252,7 @@ class DatasetConfig:
     @property
     def forward_only(self) -> int:
         """Frames at the start of a training window that run without gradient (``bptt``)."""
-        return self.window - self.bptt if self.bptt else 0
+        return max(0, self.window - self.bptt) if self.bptt else 0
 
     @property
     def min_frames(self) -> int:
