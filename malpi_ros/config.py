@@ -299,9 +299,17 @@ class TrainConfig:
     # ~/applied); 1: like any frame. Higher: the corrections of the policy's own mistakes count
     # more than the frames it drove itself (issue 13).
     intervention_weight: float = 1.0
+    # Normalize every frame once per run, held as float32, when that copy takes at most this
+    # many GiB (and half the memory the machine has available); else each batch normalizes
+    # its own frames. The same numbers either way; 0: always per batch.
+    normalized_frames_gib: float = 4.0
 
     def __post_init__(self) -> None:
         int_at_least('epochs', self.epochs, 1)
+        if not (is_number(self.normalized_frames_gib) and self.normalized_frames_gib >= 0):
+            raise ConfigError(
+                f'normalized_frames_gib must be a number >= 0, got {self.normalized_frames_gib!r}'
+            )
         if not (is_number(self.intervention_weight) and self.intervention_weight >= 0):
             raise ConfigError(
                 f'intervention_weight must be a number >= 0, got {self.intervention_weight!r}'

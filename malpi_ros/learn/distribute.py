@@ -245,18 +245,7 @@ def worker_sources(
     parts = shares(source, where.workers)
     if isinstance(source, ChunkSource):
         lanes = batch_size // where.workers
-        return [
-            ChunkSource(
-                [source.episodes[i] for i in share],
-                source.chunk,
-                lanes,
-                source.burn_in,
-                source.preprocess,
-                source.weights,
-                source.split,
-            )
-            for share in parts
-        ]
+        return [source.subset(share, lanes) for share in parts]
     return [source.subset(share) for share in parts]
 
 

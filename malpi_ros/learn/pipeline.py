@@ -1,9 +1,13 @@
 """Training windows as a ``tf.data`` stream: uint8 frames in, normalized float32 batches out.
 
 Frames stay uint8 where ``dataset.load_recordings`` put them (in memory, or a read-only memmap
-of the on-disk cache, so a recording larger than RAM trains); each batch is gathered from the
-episodes and normalized with ``image.normalize`` — the very function the robot runs on every
-frame (DESIGN §1: no second implementation of preprocessing, no train/serve skew).
+of the on-disk cache, so a recording larger than RAM trains) and are normalized with
+``image.normalize`` — the very function the robot runs on every frame (DESIGN §1: no second
+implementation of preprocessing, no train/serve skew). Where their float32 copy fits in the
+run's budget (``TrainConfig.normalized_frames_gib``, ``normalized_frames``), every frame is
+normalized once per run and batches gather float32 frames; otherwise each batch normalizes
+its frames (a window frame is then normalized once for every window that holds it: the
+simulator's 120-frame windows every 10 frames normalize each frame 12 times an epoch).
 
 Two kinds of stream, one per ``DatasetConfig.state``:
 
@@ -26,6 +30,7 @@ waits for the input.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,6 +49,48 @@ from malpi_ros.learn.dataset import (
     chunk_plan,
 )
 from malpi_ros.runtime.image import normalize
+
+FLOAT32_BYTES = 4
+
+
+def normalized_bytes(episodes: Sequence[Episode]) -> int:
+    """Bytes of the float32 copy of ``episodes``' frames (``normalized_frames``)."""
+    return FLOAT32_BYTES * sum(e.frames.size for e in episodes)
+
+
+def normalized_frames(
+    episodes: Sequence[Episode], preprocess: PreprocessConfig
+) -> tuple[np.ndarray, ...]:
+    """Every episode's frames normalized once (float32, one array per episode): the same
+    ``normalize`` as per batch, frame by frame, so the same numbers."""
+    return tuple(normalize(e.frames, preprocess) for e in episodes)
+
+
+def available_memory() -> float:
+    """Bytes of memory the machine can give without swapping (Linux ``MemAvailable``; the
+    free pages elsewhere, and infinity where neither is known)."""
+    try:
+        with open('/proc/meminfo', encoding='ascii') as meminfo:
+            for line in meminfo:
+                if line.startswith('MemAvailable:'):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE'))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def _check_inputs(episodes: Sequence[Episode], inputs: Sequence[np.ndarray] | None) -> None:
+    if inputs is None:
+        return
+    shapes = [e.frames.shape for e in episodes]
+    if [x.shape for x in inputs] != shapes or any(x.dtype != np.float32 for x in inputs):
+        raise DatasetError(
+            "normalized inputs must be float32 arrays of the episodes' frame shapes "
+            f'{shapes[:3]}..., got {[(x.dtype, x.shape) for x in inputs][:3]}...'
+        )
 
 
 def class_weights(labels: np.ndarray, num_actions: int, cap: float) -> np.ndarray:
@@ -80,8 +127,11 @@ class WindowSource:
     preprocess: PreprocessConfig
     weights: np.ndarray  # float32 (num_actions,): sample weight per label
     intervention_weight: float = 1.0  # times the loss of a takeover frame (Episode.takeover)
+    # Each episode's frames normalized once (``normalized_frames``); None: per batch.
+    inputs: Sequence[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
+        _check_inputs(self.episodes, self.inputs)
         if self.index.ndim != 2 or self.index.shape[1] != 2:
             raise DatasetError(f'window index must be (N, 2), got {self.index.shape}')
         if not 0 <= self.burn_in < self.window:
@@ -103,6 +153,16 @@ class WindowSource:
             out[i] = self.episodes[episode].frames[start : start + self.window]
         return out
 
+    def frames_float(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (len(rows), W, h, w, c): the model input of windows ``rows``."""
+        if self.inputs is None:
+            return normalize(self.frames_uint8(rows), self.preprocess)
+        out = np.empty((len(rows), self.window, *self.frame_shape), np.float32)
+        for i, row in enumerate(rows):
+            episode, start = self.index[row]
+            out[i] = self.inputs[episode][start : start + self.window]
+        return out
+
     def labels(self, rows: np.ndarray) -> np.ndarray:
         """int32 (len(rows), W): the labels of windows ``rows``."""
         out = np.empty((len(rows), self.window), np.int32)
@@ -114,7 +174,7 @@ class WindowSource:
     def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x float32, y int32, sample_weight float32) of windows ``rows``."""
         rows = np.asarray(rows, np.int64)
-        x = normalize(self.frames_uint8(rows), self.preprocess)
+        x = self.frames_float(rows)
         y = self.labels(rows)
         weight = self.weights[y]
         if self.intervention_weight != 1.0:
@@ -132,7 +192,12 @@ class WindowSource:
         position[list(episodes)] = np.arange(len(episodes))
         index = self.index[position[self.index[:, 0]] >= 0].copy()
         index[:, 0] = position[index[:, 0]]
-        return replace(self, episodes=[self.episodes[i] for i in episodes], index=index)
+        return replace(
+            self,
+            episodes=[self.episodes[i] for i in episodes],
+            index=index,
+            inputs=None if self.inputs is None else [self.inputs[i] for i in episodes],
+        )
 
     def take(self, rows: np.ndarray) -> WindowSource:
         """The windows at positions ``rows`` of the index only."""
@@ -229,8 +294,11 @@ class ChunkSource:
     weights: np.ndarray  # float32 (num_actions,): sample weight per label
     split: bool = True  # cut episodes into pieces for busy lanes; False: whole (validation)
     intervention_weight: float = 1.0  # times the loss of a takeover frame (Episode.takeover)
+    # Each episode's frames normalized once (``normalized_frames``); None: per batch.
+    inputs: Sequence[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
+        _check_inputs(self.episodes, self.inputs)
         if self.chunk < 1 or self.lanes < 1 or self.burn_in < 0:
             raise DatasetError(
                 f'chunk and lanes must be >= 1 and burn_in >= 0, got {self.chunk}, '
@@ -255,7 +323,9 @@ class ChunkSource:
         """(x float32, reset float32, y int32, sample_weight float32) of one plan batch
         ``rows`` (lanes, 4), or of a replica's group of its lanes; padding frames are zero with
         weight 0."""
-        frames = np.zeros((len(rows), self.chunk, *self.frame_shape), np.uint8)
+        # Padding frames: zeros (a constant frame normalizes to zeros too).
+        kind = np.uint8 if self.inputs is None else np.float32
+        frames = np.zeros((len(rows), self.chunk, *self.frame_shape), kind)
         y = np.zeros((len(rows), self.chunk), np.int32)
         weight = np.zeros((len(rows), self.chunk), np.float32)
         steps = np.arange(self.chunk)
@@ -265,13 +335,25 @@ class ChunkSource:
                 continue
             episode = self.episodes[int(row[PLAN_EPISODE])]
             start = int(row[PLAN_START])
-            frames[lane, :n] = episode.frames[start : start + n]
+            source = episode.frames if self.inputs is None else self.inputs[int(row[PLAN_EPISODE])]
+            frames[lane, :n] = source[start : start + n]
             y[lane, :n] = episode.labels[start : start + n]
             scored = (row[PLAN_SINCE_RESET] + steps[:n]) >= self.burn_in
             factor = episode.weights(start, start + n, self.intervention_weight)
             weight[lane, :n] = np.where(scored, self.weights[y[lane, :n]] * factor, 0.0)
         reset = (rows[:, PLAN_SINCE_RESET] == 0).astype(np.float32)
-        return normalize(frames, self.preprocess), reset, y, weight
+        x = frames if self.inputs is not None else normalize(frames, self.preprocess)
+        return x, reset, y, weight
+
+    def subset(self, episodes: Sequence[int], lanes: int) -> ChunkSource:
+        """The episodes ``episodes`` (indices into ``self.episodes``) only, in ``lanes`` lanes:
+        one worker's share (its weights, takeover factor and normalized frames kept)."""
+        return replace(
+            self,
+            episodes=[self.episodes[i] for i in episodes],
+            lanes=lanes,
+            inputs=None if self.inputs is None else [self.inputs[i] for i in episodes],
+        )
 
     def loss_labels(self) -> np.ndarray:
         """Every label that carries loss (steps of the burn-in after a zero state left out)."""

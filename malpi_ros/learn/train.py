@@ -37,6 +37,7 @@ import keras
 import numpy as np
 
 from malpi_ros import diskspace
+from malpi_ros.allocator import keep_freed_memory
 from malpi_ros.config import DatasetConfig, PolicyConfig, TrainConfig, to_dict
 from malpi_ros.errors import BundleError, ConfigError, DatasetError
 from malpi_ros.learn import distribute, plots
@@ -56,9 +57,12 @@ from malpi_ros.learn.model import build_sequence_model, load_sequence_model
 from malpi_ros.learn.pipeline import (
     ChunkSource,
     WindowSource,
+    available_memory,
     class_weights,
     make_chunk_dataset,
     make_dataset,
+    normalized_bytes,
+    normalized_frames,
 )
 from malpi_ros.progress import format_duration
 from malpi_ros.runtime.bundle import METADATA_FILE, load_bundle
@@ -70,7 +74,8 @@ HISTORY_FILE = 'history.csv'
 CURVES_FILE = 'learning_curves.png'
 CONFUSION_FILE = 'confusion.png'
 SUMMARY_FILE = 'summary.txt'
-BUNDLE_EXTRA_BYTES = 2 << 20  # reports, plots and metadata beside the model files
+BUNDLE_EXTRA_BYTES = 2 << 20
+GIB = 1 << 30  # reports, plots and metadata beside the model files
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ def prepare(
     split = split_by_episode(recordings.episodes, train_cfg.val_fraction, train_cfg.seed)
     notes = [split.note]
     num_actions = len(policy.actions)
+    once, note = normalize_once(split.train + split.val, train_cfg)
+    notes.append(note)
 
     def source(
         episodes: Sequence[Episode], weights: np.ndarray, pieces: bool = True
@@ -130,12 +137,19 @@ def prepare(
                 recordings.preprocess,
                 weights,
                 pieces,
+                inputs=normalized_frames(usable, recordings.preprocess) if once else None,
             )
         index = windows(episodes, cfg)
         if len(index) == 0:
             return None
         return WindowSource(
-            episodes, index, cfg.window, cfg.burn_in, recordings.preprocess, weights
+            episodes,
+            index,
+            cfg.window,
+            cfg.burn_in,
+            recordings.preprocess,
+            weights,
+            inputs=normalized_frames(episodes, recordings.preprocess) if once else None,
         )
 
     unweighted = source(split.train, np.ones(num_actions, np.float32))
@@ -161,6 +175,20 @@ def prepare(
             'training without validation'
         )
     return Prepared(recordings, split, train_source, val_source, weights, tuple(notes))
+
+
+def normalize_once(episodes: Sequence[Episode], train_cfg: TrainConfig) -> tuple[bool, str]:
+    """Whether ``episodes``' frames are normalized once for the run (their float32 copy fits
+    in ``normalized_frames_gib`` and half the available memory), and a note that says why."""
+    needed = normalized_bytes(episodes)
+    budget = min(train_cfg.normalized_frames_gib * GIB, available_memory() / 2)
+    if needed <= budget:
+        return True, f'frames normalized once for the run: {needed / GIB:.2f} GiB of float32'
+    return False, (
+        f'frames normalized per batch: their float32 copy ({needed / GIB:.2f} GiB) is over '
+        f'normalized_frames_gib ({train_cfg.normalized_frames_gib:g}) or half the available '
+        f'memory ({available_memory() / GIB:.1f} GiB)'
+    )
 
 
 class TimeLeft(keras.callbacks.Callback):
@@ -319,8 +347,10 @@ def train(
     ``verbose``: Keras' (1 progress bar, 2 a line per epoch, 0 silent); default 1 on a
     terminal, 2 otherwise. Raises BagError/DatasetError naming the bag and topic for bad input,
     before anything is written. A worker that is not the chief trains and returns a result
-    whose ``bundle`` is None: it writes nothing at ``out``.
+    whose ``bundle`` is None: it writes nothing at ``out``. Sets this process's allocator to
+    reuse freed memory (``allocator.keep_freed_memory``: 1.5-2x faster epochs on 2 cores).
     """
+    log(keep_freed_memory())
     policy = policy or PolicyConfig()
     dataset = window_dataset(policy, dataset or DatasetConfig(), log)
     train_cfg = train_cfg or TrainConfig()
