@@ -54,6 +54,11 @@ LSTM_BURN_IN = {'short': 110, 'long': 150}
 # (``DatasetConfig.bptt``): back past the cue, with room (the frames before run forward only).
 LSTM_BPTT = {'short': 40, 'long': 90}
 
+# Epochs of the window policies: every frame is a training window of K frames, so an epoch
+# is K frame steps a frame (the LSTM's, ~2 at bptt 40 over its 120-frame windows every 10
+# frames); 3 drove the short horizon's track without an off-track event (README).
+WINDOW_EPOCHS = 3
+
 # The demo's expert data: full laps, and short drives of one LSTM window each.
 COMPARE_RECORDING = RecordConfig(episodes=6, laps=2, segments=800, image_format='jpeg')
 
@@ -168,7 +173,7 @@ def run_compare(
                 train_cfg,
                 cache_dir=run_dir / f'{horizon}.cache',
                 verbose=0,
-                log=lambda _line: None,
+                log=epoch_lines(log, f'{horizon}, {name}'),
             )
             seconds = time.monotonic() - started
             log(f'{horizon}: trained {name} in {seconds:.0f} s')
@@ -193,6 +198,16 @@ def run_compare(
                 log(f'{horizon}: {format_row(entry)}')
                 entries.append(entry)
     return entries
+
+
+def epoch_lines(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    """A training log that passes on only the per-epoch lines (with the time left)."""
+
+    def keep(line: str) -> None:
+        if line.startswith('epoch '):
+            log(f'{prefix}: {line}')
+
+    return keep
 
 
 def format_row(e: Entry) -> str:
@@ -236,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--laps', type=int, default=20, help='laps each kind drives')
     parser.add_argument('--epochs', type=int, help='override the training config')
     parser.add_argument(
-        '--window-epochs', type=int, help="window policies' epochs (default: as --epochs)"
+        '--window-epochs',
+        type=int,
+        default=WINDOW_EPOCHS,
+        help=f"window policies' epochs (default {WINDOW_EPOCHS}: each is K frame steps a frame)",
     )
     parser.add_argument('--episodes', type=int, help='full-lap expert episodes to record')
     parser.add_argument('--segments', type=int, help='short cue-to-fork expert drives')
