@@ -5,7 +5,7 @@ so CI logs and the demo's files stay line-per-event."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO, TypeVar
 
 from tqdm import tqdm
@@ -27,3 +27,14 @@ def progress(
     return iter(
         tqdm(items, total=total, desc=desc, unit=unit, file=stream, disable=quiet, leave=False)
     )
+
+
+def epoch_lines(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    """A training log (``learn.train.train``'s ``log``) that passes on only its per-epoch lines,
+    each with the time left, prefixed: the progress of a training inside a longer run."""
+
+    def keep(line: str) -> None:
+        if line.startswith('epoch '):
+            log(f'{prefix}: {line}')
+
+    return keep

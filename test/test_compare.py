@@ -62,6 +62,9 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
     assert table.count('\n| long |') == 3
     assert 'long: window 2 computes' in table
     assert any('recorded' in line for line in lines)
+    # Each training's progress: its epochs, with the time left.
+    assert any(line.startswith('long, window 2: epoch 1/1: ') for line in lines)
+    assert any(line.startswith('long, LSTM, state carried: epoch 1/1: ') for line in lines)
 
 
 def test_each_horizon_records_drives_one_lstm_window_long():

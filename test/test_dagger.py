@@ -13,6 +13,7 @@ from malpi_ros.bagio.reader import open_bag
 from malpi_ros.cli import main as cli_main
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import BundleError, ConfigError
+from malpi_ros.learn.dataset import load_recordings
 from malpi_ros.sim.dagger import DaggerConfig, count_frames, format_table, main, run_dagger
 from malpi_ros.sim.record import (
     APPLIED_TOPIC,
@@ -79,6 +80,7 @@ def test_max_frames_stops_an_expert_recording_mid_lap(tmp_path):
     [
         ({'rounds': 0}, 'dagger rounds must be an integer >= 1, got 0'),
         ({'eval_laps': 0}, 'dagger eval_laps must be an integer >= 1, got 0'),
+        ({'base_segments': -1}, 'dagger base_segments must be an integer >= 0, got -1'),
         ({'warm_start': 'yes'}, "dagger warm_start must be true or false, got 'yes'"),
         ({'image_format': 'png'}, "dagger image_format must be one of raw, jpeg, got 'png'"),
     ],
@@ -137,12 +139,23 @@ def test_warm_start_begins_from_the_bundle_and_refuses_another_model(tmp_path, c
 def test_the_round_loop_counts_what_its_recordings_hold(tmp_path):
     # One round (about 3 min on a loaded 2-core machine): round 0, round 1, the baseline.
     config = tiny_train_config(tmp_path)
-    cfg = DaggerConfig(rounds=1, laps=1, eval_laps=1, base_episodes=1, epochs=1, round_epochs=1)
+    cfg = DaggerConfig(
+        rounds=1, laps=1, eval_laps=1, base_episodes=1, base_segments=2, epochs=1, round_epochs=1
+    )
     lines: list[str] = []
     rows = run_dagger(tmp_path, cfg, config, log=lines.append)
     assert [r.name for r in rows] == ['round 0', 'round 1', 'baseline (BC)']
     policy, dataset = configs(config)
     base, _ = count_frames([tmp_path / 'round0_bag'], policy, dataset)
+    # Round 0: one clean lap and two short drives through cue and fork, one window long each;
+    # the baseline's extra frames are laps only.
+    episodes = load_recordings(
+        [tmp_path / 'round0_bag'], policy.preprocess, dataset, policy.actions
+    ).episodes
+    assert sorted(len(e) for e in episodes)[:2] == [dataset.window] * 2 and len(episodes) == 3
+    assert any('(1 laps and 2 short drives through cue and fork)' in line for line in lines)
+    # Each training's progress: its epochs with the time left.
+    assert any(line.startswith('round0: epoch 1/1: ') for line in lines)
     r1, t1 = count_frames([tmp_path / 'round1_bag'], policy, dataset)
     # A one-epoch policy strays: the supervisor corrects it.
     assert t1 > 0 and base > 300

@@ -42,6 +42,7 @@ from typing import Any
 
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import MalpiError
+from malpi_ros.progress import epoch_lines
 from malpi_ros.sim.record import RecordConfig, record_expert, recording_workers
 from malpi_ros.sim.track import HORIZONS, TrackConfig
 from malpi_ros.sim.world import SimConfig
@@ -198,16 +199,6 @@ def run_compare(
                 log(f'{horizon}: {format_row(entry)}')
                 entries.append(entry)
     return entries
-
-
-def epoch_lines(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
-    """A training log that passes on only the per-epoch lines (with the time left)."""
-
-    def keep(line: str) -> None:
-        if line.startswith('epoch '):
-            log(f'{prefix}: {line}')
-
-    return keep
 
 
 def format_row(e: Entry) -> str:

@@ -3,11 +3,16 @@
 Example:
     python -P -m malpi_ros.sim.dagger --out dagger_runs            # what `make dagger` runs
     python -P -m malpi_ros.sim.dagger --rounds 2 --laps 2 --eval-laps 5
+    python -P -m malpi_ros.sim.dagger --train-config config/sim_train.yaml \
+        --base-segments 800 --epochs 25 --round-epochs 8    # the cue too (README)
 
 Round 0 records a few clean expert laps (``base_episodes`` episodes of one lap: no recovery
-demonstrations) and trains a policy on them. Each round after that lets the previous round's
-policy drive ``laps`` laps with the simulated person watching (``sim.supervisor``: it takes over
-through ``teleop/cmd_vel`` when the robot strays and lets go once it is back), records the drive
+demonstrations) and, with ``base_segments``, short expert drives through cue and fork, one
+training window long each (the demonstrations the cue needs, as in the demo's recording; they
+show no recovery either), and trains a policy on them. Each round after that lets the
+previous round's policy drive ``laps`` laps with the simulated person watching
+(``sim.supervisor``: it takes over through ``teleop/cmd_vel`` when the robot strays and lets go
+once it is back), records the drive
 as a robot would (``sim.record.record_supervised``: camera, ``cmd_vel``, ``teleop/cmd_vel``,
 ``~/applied``), and retrains on every recording so far, labelled from what was applied (the
 person's commands during takeovers, the policy's own elsewhere; ``intervention_weight`` of the
@@ -41,11 +46,13 @@ from typing import Any
 from malpi_ros.checks import int_at_least
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import ConfigError, MalpiError
+from malpi_ros.progress import epoch_lines
 from malpi_ros.sim.record import (
     IMAGE_FORMATS,
     RecordConfig,
     record_expert,
     record_supervised,
+    recording_workers,
 )
 from malpi_ros.sim.track import get_track
 from malpi_ros.sim.world import SimConfig
@@ -61,6 +68,10 @@ class DaggerConfig:
     laps: int = 3
     eval_laps: int = 10
     base_episodes: int = 1
+    # Short expert drives through cue and fork in round 0's recording (``RecordConfig.segments``,
+    # each one training window long, as the demo's): the demonstrations the cue needs. 0: laps
+    # only (the cheap recipe, which does not learn the cue).
+    base_segments: int = 0
     epochs: int = 15
     round_epochs: int = 8
     warm_start: bool = True
@@ -71,6 +82,7 @@ class DaggerConfig:
         int_at_least('dagger rounds', self.rounds, 1)
         for name in ('laps', 'eval_laps', 'base_episodes', 'epochs', 'round_epochs'):
             int_at_least(f'dagger {name}', getattr(self, name), 1)
+        int_at_least('dagger base_segments', self.base_segments, 0)
         int_at_least('dagger seed', self.seed, 0)
         if not isinstance(self.warm_start, bool):
             raise ConfigError(f'dagger warm_start must be true or false, got {self.warm_start!r}')
@@ -145,12 +157,15 @@ def run_dagger(
     cache = run_dir / 'cache'
 
     def fit(name: str, bags: list[Path], epochs: int, warm: Path | None) -> tuple[Path, float]:
-        _, _, train_cfg = build_configs(sections, {'epochs': epochs}, str(train_config))
+        # No validation split whatever the config says: the drive alone is the judge, and a
+        # held-out episode could be a round's only recording of its corrections.
+        overrides = {'epochs': epochs, 'val_fraction': 0.0}
+        _, _, train_cfg = build_configs(sections, overrides, str(train_config))
         bundle = run_dir / f'{name}_bundle'
         started = time.monotonic()
         train(
             bags, bundle, policy, dataset, train_cfg, cache_dir=cache, verbose=0,
-            log=lambda line: None, warm_start=warm,
+            log=epoch_lines(log, name), warm_start=warm,
         )  # fmt: skip
         seconds = time.monotonic() - started
         how = f'warm start, {epochs} epochs' if warm else f'{epochs} epochs'
@@ -186,8 +201,12 @@ def run_dagger(
         return got
 
     base_bag = run_dir / 'round0_bag'
-    base = record_expert(base_bag, record, sim)
-    log(f'round 0: {base.frames} frames of clean expert driving ({base.laps} laps)')
+    base_record = replace(record, segments=cfg.base_segments, segment_frames=dataset.window)
+    base = record_expert(base_bag, base_record, sim, workers=recording_workers())
+    drives = f' and {cfg.base_segments} short drives through cue and fork' * bool(
+        cfg.base_segments
+    )
+    log(f'round 0: {base.frames} frames of clean expert driving ({base.laps} laps{drives})')
     bundle, seconds = fit('round0', [base_bag], cfg.epochs, None)
     rows = [row('round 0', bundle, [base_bag], [], seconds)]
     supervised: list[Path] = []
@@ -261,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         '--base-episodes', type=int, default=d.base_episodes, help="round 0's clean laps"
     )
+    parser.add_argument(
+        '--base-segments',
+        type=int,
+        default=d.base_segments,
+        help="round 0's short expert drives through cue and fork (the demo's: 800)",
+    )
     parser.add_argument('--epochs', type=int, default=d.epochs, help='from scratch')
     parser.add_argument('--round-epochs', type=int, default=d.round_epochs, help='warm start')
     parser.add_argument(
@@ -277,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             laps=args.laps,
             eval_laps=args.eval_laps,
             base_episodes=args.base_episodes,
+            base_segments=args.base_segments,
             epochs=args.epochs,
             round_epochs=args.round_epochs,
             warm_start=not args.cold,
