@@ -3,6 +3,8 @@ window policy on the same bag, drive each in-process, and the table's columns.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from support import REPO
 
@@ -12,6 +14,7 @@ from malpi_ros.sim.compare import (
     LSTM_BURN_IN,
     format_table,
     held_bytes,
+    lstm_warm_start,
     recording_for,
     run_compare,
 )
@@ -62,6 +65,8 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
     assert table.count('\n| long |') == 3
     assert 'long: window 2 computes' in table
     assert any('recorded' in line for line in lines)
+    # One horizon: its LSTM trains from scratch (no shorter horizon's weights to start from).
+    assert any(line.startswith('long: trained LSTM, state carried in ') for line in lines)
     # Each training's progress: its epochs, with the time left.
     assert any(line.startswith('long, window 2: epoch 1/1: ') for line in lines)
     assert any(line.startswith('long, LSTM, state carried: epoch 1/1: ') for line in lines)
@@ -77,3 +82,11 @@ def test_each_horizon_records_drives_one_lstm_window_long():
         # The gradient reaches back past the cue (13-16 and 58-60 frames before the fork).
         assert {'short': 30, 'long': 75}[horizon] <= LSTM_BPTT[horizon] <= frames
         assert (got.episodes, got.laps, got.segments) == (1, 1, 3)
+
+
+def test_each_horizons_lstm_starts_from_the_shorter_horizons_of_the_run():
+    trained = {'short': Path('short_lstm')}
+    assert lstm_warm_start('long', trained, curriculum=True) == Path('short_lstm')
+    assert lstm_warm_start('long', trained, curriculum=False) is None
+    assert lstm_warm_start('short', trained, curriculum=True) is None
+    assert lstm_warm_start('long', {}, curriculum=True) is None

@@ -21,6 +21,9 @@ The LSTM trains with the recipe the simulator's figures support (README, "The me
 windows from a zero state whose burn-in reaches well before the cue (``LSTM_BURN_IN``: 110
 frames at the short horizon as the demo, 150 at the long one), 10 scored frames at the fork;
 the robot's way of stepping it, the state carried over all laps, is what the table measures.
+Horizons run shortest first, and each horizon's LSTM starts from the weights of the one before
+(a curriculum; ``--no-curriculum``: from scratch): from scratch the long horizon's cue was not
+learned in 25 epochs, from the short horizon's weights it was (README).
 
 Everything goes under ``OUT/<timestamp>/``: the bags, bundles, ``results.json``, ``table.txt``.
 No ROS: nothing here starts rclpy.
@@ -54,6 +57,18 @@ LSTM_BURN_IN = {'short': 110, 'long': 150}
 # The frames the LSTM's gradient runs through, counted back from a window's end
 # (``DatasetConfig.bptt``): back past the cue, with room (the frames before run forward only).
 LSTM_BPTT = {'short': 40, 'long': 90}
+
+
+def lstm_warm_start(horizon: str, trained: dict[str, Path], curriculum: bool) -> Path | None:
+    """The bundle a horizon's LSTM starts from: with ``curriculum``, the LSTM this run trained
+    at the longest shorter horizon (``HORIZONS``, by cue distance), else none (from scratch).
+    From scratch the long horizon's cue was never learned in 25 epochs; started from the short
+    horizon's weights it was at once (README "make compare")."""
+    if not curriculum:
+        return None
+    shorter = [h for h in trained if HORIZONS[h] < HORIZONS[horizon]]
+    return trained[max(shorter, key=HORIZONS.__getitem__)] if shorter else None
+
 
 # Epochs of the window policies: every frame is a training window of K frames, so an epoch
 # is K frame steps a frame (the LSTM's, ~2 at bptt 40 over its 120-frame windows every 10
@@ -135,14 +150,17 @@ def run_compare(
     laps: int,
     seed: int,
     window_epochs: int | None = None,
+    curriculum: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Entry]:
-    """Record, train and drive every kind at every horizon; returns the table's rows."""
+    """Record, train and drive every kind at every horizon; returns the table's rows. Horizons
+    run shortest first; with ``curriculum`` each LSTM starts from the last one's weights."""
     from malpi_ros.learn.train import train  # TensorFlow: only here
     from malpi_ros.sim.demo import drive_offline
 
     entries = []
-    for horizon in horizons:
+    lstms: dict[str, Path] = {}
+    for horizon in sorted(horizons, key=HORIZONS.__getitem__):
         sim = SimConfig(track=TrackConfig.for_horizon(horizon))
         bag = run_dir / f'{horizon}_bag'
         started = time.monotonic()
@@ -165,6 +183,7 @@ def run_compare(
             )
             name = f'window {window}' if window else 'LSTM, state carried'
             bundle = run_dir / f'{horizon}_{"window" + str(window) if window else "lstm"}'
+            warm = None if window else lstm_warm_start(horizon, lstms, curriculum)
             started = time.monotonic()
             train(
                 [bag],
@@ -175,9 +194,13 @@ def run_compare(
                 cache_dir=run_dir / f'{horizon}.cache',
                 verbose=0,
                 log=epoch_lines(log, f'{horizon}, {name}'),
+                warm_start=warm,
             )
             seconds = time.monotonic() - started
-            log(f'{horizon}: trained {name} in {seconds:.0f} s')
+            if not window:
+                lstms[horizon] = bundle
+            start = f' (from the {warm.name} weights)' if warm else ''
+            log(f'{horizon}: trained {name}{start} in {seconds:.0f} s')
             rss = peak_rss_mb(bundle, max(window, 1))
             held = held_bytes(window, policy.model.lstm_units, policy.model.input_shape)
             for reset in (False, True) if not window else (False,):
@@ -251,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--segments', type=int, help='short cue-to-fork expert drives')
     parser.add_argument('--train-config', type=Path, help='default: config/sim_train.yaml')
     parser.add_argument('--seed', type=int, default=11, help='sim seed of the drives')
+    parser.add_argument(
+        '--no-curriculum',
+        action='store_true',
+        help="train each horizon's LSTM from scratch (default: from the shorter horizon's)",
+    )
     args = parser.parse_args(argv)
     from malpi_ros.sim.demo import default_file, new_run_dir
 
@@ -276,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             laps=args.laps,
             seed=args.seed,
             window_epochs=args.window_epochs,
+            curriculum=not args.no_curriculum,
             log=log,
         )
     except MalpiError as err:
