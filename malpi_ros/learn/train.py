@@ -74,8 +74,8 @@ HISTORY_FILE = 'history.csv'
 CURVES_FILE = 'learning_curves.png'
 CONFUSION_FILE = 'confusion.png'
 SUMMARY_FILE = 'summary.txt'
-BUNDLE_EXTRA_BYTES = 2 << 20
-GIB = 1 << 30  # reports, plots and metadata beside the model files
+BUNDLE_EXTRA_BYTES = 2 << 20  # reports, plots and metadata beside the model files
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)

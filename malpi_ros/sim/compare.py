@@ -58,25 +58,25 @@ LSTM_BURN_IN = {'short': 110, 'long': 150}
 # (``DatasetConfig.bptt``): back past the cue, with room (the frames before run forward only).
 LSTM_BPTT = {'short': 40, 'long': 90}
 
+# Epochs of the window policies: every frame starts a training window of K frames, so an
+# epoch is K frame steps a frame; 3 drove both horizons' tracks without an off-track event
+# (README "make compare").
+WINDOW_EPOCHS = 3
+
+
+# The demo's expert data: full laps, and short drives of one LSTM window each.
+COMPARE_RECORDING = RecordConfig(episodes=6, laps=2, segments=800, image_format='jpeg')
+
 
 def lstm_warm_start(horizon: str, trained: dict[str, Path], curriculum: bool) -> Path | None:
     """The bundle a horizon's LSTM starts from: with ``curriculum``, the LSTM this run trained
     at the longest shorter horizon (``HORIZONS``, by cue distance), else none (from scratch).
-    From scratch the long horizon's cue was never learned in 25 epochs; started from the short
-    horizon's weights it was at once (README "make compare")."""
+    From scratch the long horizon's cue was not learned in 25 epochs (one run); started from
+    the short horizon's weights it was from the first epoch (README "make compare")."""
     if not curriculum:
         return None
     shorter = [h for h in trained if HORIZONS[h] < HORIZONS[horizon]]
     return trained[max(shorter, key=HORIZONS.__getitem__)] if shorter else None
-
-
-# Epochs of the window policies: every frame is a training window of K frames, so an epoch
-# is K frame steps a frame (the LSTM's, ~2 at bptt 40 over its 120-frame windows every 10
-# frames); 3 drove the short horizon's track without an off-track event (README).
-WINDOW_EPOCHS = 3
-
-# The demo's expert data: full laps, and short drives of one LSTM window each.
-COMPARE_RECORDING = RecordConfig(episodes=6, laps=2, segments=800, image_format='jpeg')
 
 
 def recording_for(horizon: str, record: RecordConfig, scored: int) -> RecordConfig:

@@ -203,9 +203,8 @@ def run_dagger(
     base_bag = run_dir / 'round0_bag'
     base_record = replace(record, segments=cfg.base_segments, segment_frames=dataset.window)
     base = record_expert(base_bag, base_record, sim, workers=recording_workers())
-    drives = f' and {cfg.base_segments} short drives through cue and fork' * bool(
-        cfg.base_segments
-    )
+    n = cfg.base_segments
+    drives = f' and {n} short drives through cue and fork' if n else ''
     log(f'round 0: {base.frames} frames of clean expert driving ({base.laps} laps{drives})')
     bundle, seconds = fit('round0', [base_bag], cfg.epochs, None)
     rows = [row('round 0', bundle, [base_bag], [], seconds)]
