@@ -44,36 +44,9 @@ import numpy as np
 from machine import describe, load
 
 from malpi_ros.config import ModelConfig, PolicyConfig
+from malpi_ros.model_cost import count_flops, weight_bytes
 
 WINDOW = 3  # the peers' window of recent frames
-
-
-def count_flops(cfg: ModelConfig) -> dict[str, int]:
-    """Multiply-adds x 2 per frame, layer by layer, from the config alone."""
-    flops: dict[str, int] = {}
-    h, w, c = cfg.input_shape
-    for i, conv in enumerate(cfg.convs):
-        h, w = (h - conv.kernel) // conv.stride + 1, (w - conv.kernel) // conv.stride + 1
-        flops[f'conv_{i}'] = 2 * h * w * conv.filters * conv.kernel * conv.kernel * c
-        c = conv.filters
-    features, units = h * w * c, cfg.lstm_units
-    # 4 gates: input and recurrent matmuls (+ a few elementwise ops per unit, ignored).
-    flops['lstm'] = 2 * 4 * units * (features + units)
-    flops['policy'] = 2 * units * cfg.num_actions
-    return flops
-
-
-def weight_bytes(cfg: ModelConfig) -> int:
-    """float32 bytes of every weight: each is read once per frame."""
-    h, w, c = cfg.input_shape
-    params = 0
-    for conv in cfg.convs:
-        h, w = (h - conv.kernel) // conv.stride + 1, (w - conv.kernel) // conv.stride + 1
-        params += conv.kernel * conv.kernel * c * conv.filters + conv.filters
-        c = conv.filters
-    u = cfg.lstm_units
-    params += 4 * u * (h * w * c + u + 1) + (u + 1) * cfg.num_actions
-    return 4 * params
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 30) -> float:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from support import REPO
 
+from malpi_ros.config import ModelConfig
+from malpi_ros.model_cost import count_flops
 from malpi_ros.runtime.bundle import load_bundle
 from malpi_ros.sim.compare import (
     LSTM_BPTT,
@@ -19,6 +21,10 @@ from malpi_ros.sim.compare import (
     run_compare,
 )
 from malpi_ros.sim.record import RecordConfig
+
+
+def load_config(run_dir: Path) -> ModelConfig:
+    return load_bundle(run_dir / 'long_lstm').config.model
 
 
 @pytest.mark.slow
@@ -44,7 +50,12 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
     for e in entries:  # one epoch drives badly: the figures are checked, not the driving
         assert e.horizon == 'long' and e.laps <= 1 and 0 <= e.forks_correct <= e.forks
         assert e.step_ms_median > 0 and 20 < e.peak_rss_mb < 1000
-    lstm, _, window = entries
+    lstm, reset, window = entries
+    # Compute a frame: the window policy runs the step model K = 2 times, the LSTM once.
+    assert lstm.mflops == reset.mflops == sum(count_flops(load_config(tmp_path)).values()) / 1e6
+    assert window.mflops == 2 * lstm.mflops
+    for e in entries:  # the model part: the step less the frame's fit
+        assert 0 < e.model_ms_median < e.step_ms_median
     assert lstm.held_bytes == held_bytes(0, 64, (30, 40, 3)) == 2 * 64 * 4
     assert window.held_bytes == 2 * 30 * 40 * 3  # two uint8 frames
     # The LSTM trains its long windows through their last LSTM_BPTT frames (the rest forward
@@ -63,7 +74,7 @@ def test_compare_trains_and_drives_each_kind_on_one_recording(tmp_path):
     ]
     table = format_table(entries)
     assert table.count('\n| long |') == 3
-    assert 'long: window 2 computes' in table
+    assert "long: window 2 computes 2.0x the LSTM's FLOPs a frame, " in table
     assert any('recorded' in line for line in lines)
     # One horizon: its LSTM trains from scratch (no shorter horizon's weights to start from).
     assert any(line.startswith('long: trained LSTM, state carried in ') for line in lines)

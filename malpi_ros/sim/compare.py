@@ -13,9 +13,9 @@ LSTM, stepped with its state carried, (b) window policies that re-run their last
 a zero state every step (DonkeyCar's way; K = 3 and 10 by default) — and drive each ``laps``
 laps in-process (``demo.drive_offline``: frame, step, act, no ROS), plus the LSTM with its state
 reset before every frame (no memory). The table: cued branch taken / forks, off-track events,
-the policy's compute per frame (median ``Policy.step``, measured in the same run), and what it
-holds between frames (the LSTM's state, or K fitted frames) with the peak RSS of a process that
-loads it and steps.
+the policy's compute per frame (FLOPs counted from the model config, ``model_cost``; median
+``Policy.step`` and its model part, measured in the same run), and what it holds between frames
+(the LSTM's state, or K fitted frames) with the peak RSS of a process that loads it and steps.
 
 The LSTM trains with the recipe the simulator's figures support (README, "The memory recipe"):
 windows from a zero state whose burn-in reaches well before the cue (``LSTM_BURN_IN``: 110
@@ -45,6 +45,7 @@ from typing import Any
 
 from malpi_ros.config_file import build_configs, read_config_file
 from malpi_ros.errors import MalpiError
+from malpi_ros.model_cost import count_flops
 from malpi_ros.progress import epoch_lines
 from malpi_ros.sim.record import RecordConfig, record_expert, recording_workers
 from malpi_ros.sim.track import HORIZONS, TrackConfig
@@ -109,7 +110,9 @@ class Entry:
     forks: int
     off_track_events: int
     laps: int
-    step_ms_median: float
+    step_ms_median: float  # the whole Policy.step: the camera frame's fit, normalize, model
+    model_ms_median: float  # the step less the fit: K normalizations and model calls (LSTM: 1)
+    mflops: float  # the model's FLOPs a frame (millions): K steps of the step model (LSTM: 1)
     held_bytes: int  # what the policy keeps between frames
     peak_rss_mb: float
     train_seconds: float
@@ -203,6 +206,7 @@ def run_compare(
             log(f'{horizon}: trained {name}{start} in {seconds:.0f} s')
             rss = peak_rss_mb(bundle, max(window, 1))
             held = held_bytes(window, policy.model.lstm_units, policy.model.input_shape)
+            mflops = max(window, 1) * sum(count_flops(policy.model).values()) / 1e6
             for reset in (False, True) if not window else (False,):
                 drove = drive_offline(bundle, laps, seed, reset, sim)
                 entry = Entry(
@@ -215,6 +219,8 @@ def run_compare(
                     off_track_events=int(drove['off_track_events']),
                     laps=int(drove['laps']),
                     step_ms_median=float(drove['step_ms_median']),
+                    model_ms_median=float(drove['model_ms_median']),
+                    mflops=mflops,
                     held_bytes=0 if reset else held,
                     peak_rss_mb=rss,
                     train_seconds=seconds,
@@ -228,27 +234,31 @@ def format_row(e: Entry) -> str:
     acc = f'{e.fork_accuracy:.0%}' if e.fork_accuracy is not None else 'n/a'
     return (
         f'| {e.horizon} | {e.name} | {e.forks_correct}/{e.forks} ({acc}) | {e.off_track_events} '
-        f'| {e.step_ms_median:.2f} | {e.held_bytes / 1024:.1f} KiB | {e.peak_rss_mb:.0f} MB |'
+        f'| {e.mflops:.2f} | {e.model_ms_median:.3f} | {e.step_ms_median:.3f} '
+        f'| {e.held_bytes / 1024:.1f} KiB | {e.peak_rss_mb:.0f} MB |'
     )
 
 
 def format_table(entries: Sequence[Entry]) -> str:
-    """A markdown table; compute is also given relative to the LSTM at the same horizon."""
+    """A markdown table; compute is also given relative to the LSTM at the same horizon: in
+    FLOPs, in the model part's time and in the whole step's (which adds the frame's fit, the
+    same for every kind, so its ratio stays below K however the model is run)."""
     lines = [
-        '| horizon | policy | cued branch / forks | off-track | step ms (median) | held '
-        'between frames | peak RSS |',
-        '|---|---|---|---|---:|---:|---:|',
+        '| horizon | policy | cued branch / forks | off-track | MFLOP a frame | model ms '
+        '(median) | step ms (median) | held between frames | peak RSS |',
+        '|---|---|---|---|---:|---:|---:|---:|---:|',
     ]
     lines += [format_row(e) for e in entries]
     for horizon in dict.fromkeys(e.horizon for e in entries):
         lstm = next((e for e in entries if e.horizon == horizon and not e.window), None)
-        if lstm is None or lstm.step_ms_median <= 0:
+        if lstm is None or lstm.step_ms_median <= 0 or lstm.model_ms_median <= 0:
             continue
         for e in entries:
             if e.horizon == horizon and e.window:
-                ratio = e.step_ms_median / lstm.step_ms_median
                 lines.append(
-                    f'{horizon}: window {e.window} computes {ratio:.1f}x the LSTM a frame'
+                    f'{horizon}: window {e.window} computes {e.mflops / lstm.mflops:.1f}x the '
+                    f"LSTM's FLOPs a frame, {e.model_ms_median / lstm.model_ms_median:.1f}x its "
+                    f'model time, {e.step_ms_median / lstm.step_ms_median:.1f}x its whole step'
                 )
     return '\n'.join(lines)
 

@@ -430,8 +430,11 @@ def drive_offline(
 
     Frame, step, act - the order of the closed loop through the graph, as fast as the CPU goes
     (~0.5 s a lap): enough forks for a rate, where the real-time drives see one fork a lap.
-    Returns ``SimWorld.summary()`` and the median ``Policy.step`` time (preprocessing and
-    model, ms). The policy's actions map onto the sim's by name.
+    Returns ``SimWorld.summary()``, the median ``Policy.step`` time (preprocessing and model,
+    ms: ``step_ms_median``) and the median of its part after the camera frame's fit
+    (``model_ms_median``: normalization and model calls, K of each for a window policy of K
+    frames, one for the LSTM; the fit is done once a frame by every kind). The policy's actions
+    map onto the sim's by name.
     """
     from malpi_ros.runtime.policy import Policy  # LiteRT only: no TensorFlow in this process
 
@@ -442,7 +445,7 @@ def drive_offline(
     if missing:
         raise ConfigError(f'bundle {bundle} has actions {missing} the simulator does not know')
     to_sim = [names.index(n) for n in policy.config.actions.names]
-    step_ms = []
+    step_ms, model_ms = [], []
     for _ in range(math.ceil(laps * 120.0 / world.config.dt)):  # 120 s a lap at the most
         if world.laps >= laps:
             break
@@ -450,8 +453,13 @@ def drive_offline(
             policy.reset()
         result = policy.step(world.render())
         step_ms.append(result.inference_ms)
+        model_ms.append(result.inference_ms - result.times.fit_ms)
         world.step(to_sim[result.action])
-    return {**world.summary(), 'step_ms_median': float(np.median(step_ms)) if step_ms else 0.0}
+    return {
+        **world.summary(),
+        'step_ms_median': float(np.median(step_ms)) if step_ms else 0.0,
+        'model_ms_median': float(np.median(model_ms)) if model_ms else 0.0,
+    }
 
 
 # --- the steps ----------------------------------------------------------------------------------
