@@ -9,9 +9,10 @@ This process plays the camera and the motor driver: it publishes 120x160 rgb8 fr
 stamps its exposures at a steady cadence however late a frame is handed over) and receives
 ``cmd_vel`` and ``~/output`` from the installed ``policy_node``, run in its own process once per
 backend, on a bundle at the default config (120x120, MaLPi convs, LSTM 128) with random
-weights, trained period ``--dt`` (default 1/30 s, so every frame is stepped). The k-th Twist
-belongs to the k-th output (both reliable, published in that order per step); the output's stamp
-names the frame.
+weights, trained period ``--dt`` (default 1/30 s, so every frame is stepped); ``--precision
+int8`` steps the bundle's int8 step model (added to the built bundle, full-integer, calibrated
+on random frames). The k-th Twist belongs to the k-th output (both reliable, published in that
+order per step); the output's stamp names the frame.
 
 Reported per backend, over the measured window (after a warm-up): latency publish -> Twist
 (median, p99, max), Twists / frames sent, the node's own counts (received, skipped,
@@ -70,6 +71,34 @@ keras.utils.set_random_seed(0)
 config = PolicyConfig()
 save_bundle(sys.argv[1], build_sequence_model(config.model), config, dt=float(sys.argv[2]),
             seq_len=10, metrics={'note': 'random weights (bench/bench_node_latency.py)'})
+"""
+
+# --precision int8: the bundle's int8 step model, full-integer, calibrated on random frames and
+# the states the fp32 model reaches on them (as bench_int8.py; speed does not depend on weights).
+ADD_INT8 = """
+import sys, tempfile
+from pathlib import Path
+import numpy as np
+from malpi_ros.learn.model import build_step_model, load_sequence_model
+from malpi_ros.learn.quantize import quantize
+from malpi_ros.runtime.bundle import INT8_FILE, KERAS_FILE, add_model_file, load_bundle
+from malpi_ros.runtime.litert import LiteRTStep
+bundle = load_bundle(sys.argv[1])
+cfg = bundle.config.model
+fp32 = LiteRTStep(bundle.tflite_path, num_threads=1)
+rng = np.random.default_rng(0)
+h = c = np.zeros((1, cfg.lstm_units), np.float32)
+samples = []
+for _ in range(100):
+    frame = rng.standard_normal((1, *cfg.input_shape), dtype=np.float32)
+    samples.append({'frame': frame, 'h': h, 'c': c})
+    _, h, c = fp32.run(frame, h, c)
+step = build_step_model(cfg, load_sequence_model(bundle.keras_path, cfg))
+with tempfile.TemporaryDirectory() as tmp:
+    quantize(step, Path(tmp) / INT8_FILE, 'full_integer', samples)
+    add_model_file(sys.argv[1], Path(tmp) / INT8_FILE, INT8_FILE, quantization='full_integer',
+                   quantized_from=bundle.metadata['files'][KERAS_FILE]['sha256'],
+                   representative={'from': 'random frames (bench/bench_node_latency.py)'})
 """
 
 
@@ -135,6 +164,8 @@ def run_backend(backend: str, bundle: Path, args: argparse.Namespace, log: Path)
     # stop_after long: a zero Twist for silence (e.g. a stall of the node) would be an extra
     # Twist without an output and break the k-th Twist <-> k-th output pairing.
     cmd += ['-p', f'num_threads:={args.threads}', '-p', 'stop_after:=30.0']
+    if backend == 'litert':
+        cmd += ['-p', f'precision:={args.precision}']
     out = log.open('w')
     node_proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     context = Context()
@@ -303,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         '--no-service-calls', dest='service_calls', action='store_false', help='skip ~/reset'
     )
+    parser.add_argument(
+        '--precision',
+        choices=('fp32', 'int8'),
+        default='fp32',
+        help="the node's LiteRT step model (int8: added to the built bundle, full-integer)",
+    )
     args = parser.parse_args(argv)
     if not NODE.is_file():
         print(f'{NODE} not installed: run make build first', file=sys.stderr)
@@ -317,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
                 capture_output=True,
             )
+            if args.precision == 'int8':
+                subprocess.run(
+                    [sys.executable, '-c', ADD_INT8, str(bundle)], check=True, capture_output=True
+                )
         results = []
         for backend in args.backends:
             log = Path(tmp) / f'{backend}.log'
@@ -329,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f'policy_node end to end: {HEIGHT}x{WIDTH} rgb8 at {args.rate:g} Hz for '
         f'{args.duration:g} s per backend (after {args.warmup:g} s warm-up); bundle 120x120, '
-        f'LSTM 128, random weights, dt {args.dt:.4f} s, LiteRT threads '
+        f'LSTM 128, random weights, dt {args.dt:.4f} s, LiteRT {args.precision}, threads '
         f'{args.threads or f"auto = {auto_threads()}"}; '
         f'load average {load[0]:.2f} before / {os.getloadavg()[0]:.2f} after; '
         f'ROS_DOMAIN_ID {os.environ["ROS_DOMAIN_ID"]}\nmachine: {describe()}'
