@@ -33,25 +33,26 @@ def count_flops(cfg: ModelConfig) -> dict[str, int]:
         kernel = cfg.convs[i].kernel
         flops[f'conv_{i}'] = 2 * h * w * filters * kernel * kernel * c
     units = cfg.lstm_units
-    flops['lstm'] = 2 * 4 * units * (_features(cfg) + units)
+    flops['lstm'] = 2 * 4 * units * (_features(cfg, shapes) + units)
     flops['policy'] = 2 * units * cfg.num_actions
     return flops
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
     """float32 bytes of every weight and bias (a batch-1 step reads each once per frame)."""
+    shapes = _conv_outputs(cfg)
     params = sum(
         cfg.convs[i].kernel ** 2 * c * filters + filters
-        for i, (_, _, c, filters) in enumerate(_conv_outputs(cfg))
+        for i, (_, _, c, filters) in enumerate(shapes)
     )
     u = cfg.lstm_units
-    params += 4 * u * (_features(cfg) + u + 1) + (u + 1) * cfg.num_actions
+    params += 4 * u * (_features(cfg, shapes) + u + 1) + (u + 1) * cfg.num_actions
     return 4 * params
 
 
-def _features(cfg: ModelConfig) -> int:
-    """The flattened encoder output: what the LSTM's input kernel multiplies."""
-    shapes = _conv_outputs(cfg)
+def _features(cfg: ModelConfig, shapes: list[tuple[int, int, int, int]]) -> int:
+    """The flattened encoder output (``shapes``: ``_conv_outputs``): what the LSTM's input
+    kernel multiplies."""
     if not shapes:
         return cfg.input_shape[0] * cfg.input_shape[1] * cfg.input_shape[2]
     h, w, _, filters = shapes[-1]
