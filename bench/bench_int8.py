@@ -39,26 +39,34 @@ def build(directory: Path, calibration: int) -> dict[str, Path]:
     from malpi_ros.learn.export import export_litert
     from malpi_ros.learn.model import build_sequence_model, build_step_model
     from malpi_ros.learn.quantize import quantize
-    from malpi_ros.runtime.litert import LiteRTStep
 
     cfg = PolicyConfig().model
     keras.utils.set_random_seed(0)
     step_model = build_step_model(cfg, build_sequence_model(cfg))
     paths = {name: directory / f'{name}.tflite' for name in MODELS}
     export_litert(step_model, paths['fp32'])
-    # Calibration: random frames, with the state the fp32 model carries along them.
-    fp32 = LiteRTStep(paths['fp32'], num_threads=1)
-    rng = np.random.default_rng(0)
-    h = np.zeros((1, cfg.lstm_units), np.float32)
-    c = np.zeros((1, cfg.lstm_units), np.float32)
-    samples = []
-    for _ in range(calibration):
-        frame = rng.standard_normal((1, *cfg.input_shape), dtype=np.float32)
-        samples.append({'frame': frame, 'h': h, 'c': c})
-        _, h, c = fp32.run(frame, h, c)
+    samples = random_calibration(paths['fp32'], calibration)
     for name in MODELS[1:]:
         quantize(step_model, paths[name], name, samples)
     return paths
+
+
+def random_calibration(fp32_path: Path, count: int) -> list[dict[str, np.ndarray]]:
+    """``count`` step-model inputs for int8 calibration: random frames, with the state the fp32
+    step model at ``fp32_path`` carries along them (speed does not depend on the weights).
+    Also used by ``bench_node_latency.py --precision int8``."""
+    from malpi_ros.runtime.litert import LiteRTStep
+
+    fp32 = LiteRTStep(fp32_path, num_threads=1)
+    rng = np.random.default_rng(0)
+    h = np.zeros((1, fp32.units), np.float32)
+    c = np.zeros((1, fp32.units), np.float32)
+    samples = []
+    for _ in range(count):
+        frame = rng.standard_normal((1, *fp32.frame_shape), dtype=np.float32)
+        samples.append({'frame': frame, 'h': h, 'c': c})
+        _, h, c = fp32.run(frame, h, c)
+    return samples
 
 
 def time_steps(paths: dict[str, Path], threads: int, steps: int) -> dict[str, np.ndarray]:

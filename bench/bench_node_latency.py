@@ -73,26 +73,19 @@ save_bundle(sys.argv[1], build_sequence_model(config.model), config, dt=float(sy
             seq_len=10, metrics={'note': 'random weights (bench/bench_node_latency.py)'})
 """
 
-# --precision int8: the bundle's int8 step model, full-integer, calibrated on random frames and
-# the states the fp32 model reaches on them (as bench_int8.py; speed does not depend on weights).
+# --precision int8: the bundle's int8 step model, full-integer, calibrated as bench_int8.py does
+# (random frames and the states the fp32 model reaches on them; speed does not depend on them).
 ADD_INT8 = """
 import sys, tempfile
 from pathlib import Path
-import numpy as np
+sys.path.insert(0, sys.argv[2])  # bench/
+from bench_int8 import random_calibration
 from malpi_ros.learn.model import build_step_model, load_sequence_model
 from malpi_ros.learn.quantize import quantize
 from malpi_ros.runtime.bundle import INT8_FILE, KERAS_FILE, add_model_file, load_bundle
-from malpi_ros.runtime.litert import LiteRTStep
 bundle = load_bundle(sys.argv[1])
 cfg = bundle.config.model
-fp32 = LiteRTStep(bundle.tflite_path, num_threads=1)
-rng = np.random.default_rng(0)
-h = c = np.zeros((1, cfg.lstm_units), np.float32)
-samples = []
-for _ in range(100):
-    frame = rng.standard_normal((1, *cfg.input_shape), dtype=np.float32)
-    samples.append({'frame': frame, 'h': h, 'c': c})
-    _, h, c = fp32.run(frame, h, c)
+samples = random_calibration(bundle.tflite_path, 100)
 step = build_step_model(cfg, load_sequence_model(bundle.keras_path, cfg))
 with tempfile.TemporaryDirectory() as tmp:
     quantize(step, Path(tmp) / INT8_FILE, 'full_integer', samples)
@@ -356,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.precision == 'int8':
                 subprocess.run(
-                    [sys.executable, '-c', ADD_INT8, str(bundle)], check=True, capture_output=True
+                    [sys.executable, '-c', ADD_INT8, str(bundle), str(Path(__file__).parent)],
+                    check=True,
+                    capture_output=True,
                 )
         results = []
         for backend in args.backends:
