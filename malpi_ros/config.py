@@ -250,6 +250,12 @@ class DatasetConfig:
         return self.burn_in + self.seq_len
 
     @property
+    def drive_frames(self) -> int:
+        """The longest drive training keeps in one gradient: a window (``zero``) or a chunk
+        (``carried``; a longer episode is cut into chunks, and no gradient crosses a cut)."""
+        return self.window if self.state == 'zero' else self.seq_len
+
+    @property
     def forward_only(self) -> int:
         """Frames at the start of a training window that run without gradient (``bptt``)."""
         return max(0, self.window - self.bptt) if self.bptt else 0

@@ -10,6 +10,7 @@ from modelfactory import TINY_UNITS, tiny_config, tiny_sequence_model
 
 from malpi_ros.config import DatasetConfig
 from malpi_ros.errors import ConfigError
+from malpi_ros.learn import carried_state
 from malpi_ros.learn.carried_state import CarriedStateTrainer, predict_episodes
 from malpi_ros.learn.dataset import (
     PLAN_EPISODE,
@@ -228,6 +229,36 @@ def test_the_trainer_carries_each_lane_state_into_the_next_batch_and_trains_the_
     for episode, got in zip(episodes, actions, strict=True):
         x = normalize(episode.frames, config.preprocess)[None]
         np.testing.assert_array_equal(got, np.argmax(np.asarray(model(x))[0], axis=-1))
+
+
+@pytest.mark.parametrize('rows', [1, 2, 64])
+def test_scoring_episodes_side_by_side_equals_each_alone(model, monkeypatch, rows):
+    # Groups of `rows` episodes a call, shorter ones padded at their end: each episode's
+    # actions are the sequence model's over that episode alone; an empty one gives none.
+    config = tiny_config()
+    net = build_carried_model(config.model, model)
+    episodes = episodes_of([40, 23, 0, 17, 5], seed=8)
+    monkeypatch.setattr(carried_state, 'PREDICT_BYTES', rows * 7 * 4 * 24 * 32 * 3)
+    actions = predict_episodes(net, episodes, config.preprocess, TINY_UNITS, chunk=7)
+    assert [len(a) for a in actions] == [40, 23, 0, 17, 5]
+    for episode, got in zip(episodes, actions, strict=True):
+        if len(episode):
+            x = normalize(episode.frames, config.preprocess)[None]
+            np.testing.assert_array_equal(got, np.argmax(np.asarray(model(x))[0], axis=-1))
+
+
+def test_a_drive_of_drive_frames_stays_in_one_gradient_with_either_state():
+    # What make dagger sizes round 0's cue drives by: a window, or a chunk when the state is
+    # carried — an episode of a chunk's length is never cut, whatever the epoch's offset.
+    assert DatasetConfig(state='zero', burn_in=110, seq_len=10).drive_frames == 120
+    carried = DatasetConfig(state='carried', burn_in=10, seq_len=32)
+    assert carried.drive_frames == 32
+    for seed in range(5):
+        plan = chunk_plan([carried.drive_frames], 32, 1, np.random.default_rng(seed))
+        assert plan[:, 0, PLAN_LENGTH].tolist() == [32]
+    # One frame more and it is cut in two: the gradient from its end stops at the cut.
+    plan = chunk_plan([33], 32, 1, np.random.default_rng(0))
+    assert len([n for n in plan[:, 0, PLAN_LENGTH] if n]) == 2
 
 
 def test_the_training_state_setting_is_checked():

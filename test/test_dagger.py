@@ -147,12 +147,14 @@ def test_the_round_loop_counts_what_its_recordings_hold(tmp_path):
     assert [r.name for r in rows] == ['round 0', 'round 1', 'baseline (BC)']
     policy, dataset = configs(config)
     base, _ = count_frames([tmp_path / 'round0_bag'], policy, dataset)
-    # Round 0: one clean lap and two short drives through cue and fork, one window long each;
+    # Round 0: one clean lap and two short drives through cue and fork, one chunk long each
+    # (the recipe carries the state: a longer drive would be cut, and its gradient with it);
     # the baseline's extra frames are laps only.
     episodes = load_recordings(
         [tmp_path / 'round0_bag'], policy.preprocess, dataset, policy.actions
     ).episodes
-    assert sorted(len(e) for e in episodes)[:2] == [dataset.window] * 2 and len(episodes) == 3
+    assert dataset.state == 'carried' and dataset.drive_frames == dataset.seq_len
+    assert sorted(len(e) for e in episodes)[:2] == [dataset.seq_len] * 2 and len(episodes) == 3
     assert any('(1 laps and 2 short drives through cue and fork)' in line for line in lines)
     # Each training's progress: its epochs with the time left.
     assert any(line.startswith('round0: epoch 1/1: ') for line in lines)

@@ -7,8 +7,9 @@ Example:
         --base-segments 800 --epochs 25 --round-epochs 8    # the cue too (README)
 
 Round 0 records a few clean expert laps (``base_episodes`` episodes of one lap: no recovery
-demonstrations) and, with ``base_segments``, short expert drives through cue and fork, one
-training window long each (the demonstrations the cue needs, as in the demo's recording; they
+demonstrations) and, with ``base_segments``, short expert drives through cue and fork, each as
+long as training keeps in one gradient (``DatasetConfig.drive_frames``: a window, or a chunk
+when the state is carried; the demonstrations the cue needs, as in the demo's recording; they
 show no recovery either), and trains a policy on them. Each round after that lets the
 previous round's policy drive ``laps`` laps with the simulated person watching
 (``sim.supervisor``: it takes over through ``teleop/cmd_vel`` when the robot strays and lets go
@@ -69,8 +70,8 @@ class DaggerConfig:
     eval_laps: int = 10
     base_episodes: int = 1
     # Short expert drives through cue and fork in round 0's recording (``RecordConfig.segments``,
-    # each one training window long, as the demo's): the demonstrations the cue needs. 0: laps
-    # only (the cheap recipe, which does not learn the cue).
+    # each ``DatasetConfig.drive_frames`` long): the demonstrations the cue needs. 0: laps only.
+    # Measured: the cheap recipe did not learn the cue from 800 of them either (README).
     base_segments: int = 0
     epochs: int = 15
     round_epochs: int = 8
@@ -201,7 +202,7 @@ def run_dagger(
         return got
 
     base_bag = run_dir / 'round0_bag'
-    base_record = replace(record, segments=cfg.base_segments, segment_frames=dataset.window)
+    base_record = replace(record, segments=cfg.base_segments, segment_frames=dataset.drive_frames)
     base = record_expert(base_bag, base_record, sim, workers=recording_workers())
     n = cfg.base_segments
     drives = f' and {n} short drives through cue and fork' if n else ''
