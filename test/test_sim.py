@@ -300,6 +300,7 @@ def test_off_track_event_counted_once_and_robot_put_back() -> None:
     events = [world.step(forward) for _ in range(100)]
     respawns = [r for r in events if r.respawned]
     assert world.off_track_events == len(respawns) >= 1
+    assert world.off_track_at_fork == 0  # the first corner, not the fork
     assert all(r.off_track_event for r in respawns)
     assert world.track.distance(world.pose.x, world.pose.y) < 0.2
 
@@ -308,6 +309,21 @@ def test_off_track_event_counted_once_and_robot_put_back() -> None:
     assert stay.off_track_events == 1  # one excursion, however many steps it lasts
     assert results[-1].off_track and stay.off_track
     assert stay.track.distance(stay.pose.x, stay.pose.y) > 0.5
+
+
+def test_leaving_the_tape_between_the_branches_counts_at_the_fork() -> None:
+    world = SimWorld(SimConfig(reset_on_off_track=False, start_jitter=0.0))
+    forward = world.actions.names.index('forward')
+    for _ in range(200):  # the expert to just before the fork, then straight on: mid-fork
+        if world.lap_s >= world.track.fork_start - 0.05:
+            break
+        world.step(world.expert_action())
+    assert world.off_track_events == 0
+    for _ in range(30):
+        world.step(forward)
+    assert world.off_track_events == world.off_track_at_fork == 1
+    assert world.summary()['off_track_at_fork'] == 1
+    assert world.fork_decisions[-1].branch == 'none'
 
 
 def test_backing_over_the_start_line_does_not_count_a_lap() -> None:

@@ -112,6 +112,7 @@ class Row:
     eval_laps: int  # laps completed without the supervisor
     laps_driven: float  # distance without the supervisor, in laps
     off_track_events: int
+    off_track_at_fork: int  # of them, those that began in the fork
     forks_correct: int
     forks: int
     train_seconds: float
@@ -194,6 +195,7 @@ def run_dagger(
             eval_laps=int(alone['laps']),
             laps_driven=float(alone['distance']) / lap_length,
             off_track_events=int(alone['off_track_events']),
+            off_track_at_fork=int(alone['off_track_at_fork']),
             forks_correct=int(alone['forks_correct']),
             forks=int(alone['forks']),
             train_seconds=seconds,
@@ -252,6 +254,7 @@ def format_row(r: Row) -> str:
     return (
         f'| {r.name} | {per_lap} | {r.expert_frames} | {r.trained_frames} '
         f'| {r.off_track_per_lap:.2f} ({r.off_track_events} in {r.laps_driven:.1f}) '
+        f'| {r.off_track_at_fork} '
         f'| {forks} | {r.train_seconds:.0f} |'
     )
 
@@ -260,8 +263,9 @@ def format_table(rows: Sequence[Row]) -> str:
     """A markdown table, one row a round and one for the baseline."""
     lines = [
         '| policy | takeovers per supervised lap | expert frames so far | frames trained on '
-        '| off-track per lap alone (events in laps) | cued forks alone | training s |',
-        '|---|---:|---:|---:|---:|---:|---:|',
+        '| off-track per lap alone (events in laps) | of them at the fork | cued forks alone '
+        '| training s |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     return '\n'.join([*lines, *(format_row(r) for r in rows)])
 

@@ -164,6 +164,9 @@ class SimWorld:
         self.laps = 0
         self.off_track = False
         self.off_track_events = 0
+        # Of them, those that began in the fork (trunk s from its start to its end): where a
+        # policy that has seen one branch, or not learned the cue, leaves the tape.
+        self.off_track_at_fork = 0
         self.fork_decisions: list[ForkDecision] = []
         near = self.track.nearest(pose.x, pose.y)
         self._s = near.s
@@ -202,6 +205,7 @@ class SimWorld:
             'distance': round(self.distance, 3),
             'laps': self.laps,
             'off_track_events': self.off_track_events,
+            'off_track_at_fork': self.off_track_at_fork,
             'forks': len(self.fork_decisions),
             'forks_correct': correct,
         }
@@ -268,6 +272,7 @@ class SimWorld:
         event = off and not self.off_track
         if event:
             self.off_track_events += 1
+            self.off_track_at_fork += track.fork_start <= near.s <= track.fork_end
         respawned = False
         if off and self.config.reset_on_off_track:
             self.robot.pose = track.pose_at(near.s, near.route)
