@@ -25,7 +25,7 @@ from malpi_ros.config import PreprocessConfig
 from malpi_ros.nodes.policy_node_config import PARAMETERS as POLICY_PARAMETERS
 from malpi_ros.runtime.image import decode, fit_frame
 from malpi_ros.sim import RobotConfig, SimConfig, SimWorld, demo, integrate
-from malpi_ros.sim.record import RecordConfig, _Disturbance, _expert_step, record_expert
+from malpi_ros.sim.record import Disturbance, RecordConfig, expert_step, record_expert
 
 CLI = str(NODE_DIR / 'malpi-ros')
 SIM_TRAIN = SHARE_DIR / 'config' / 'sim_train.yaml'
@@ -234,14 +234,14 @@ def test_jpeg_recording_is_image_transports_compressed_topic_of_the_same_frames(
 def test_a_disturbance_moves_the_robot_but_the_expert_command_is_recorded():
     exact = SimConfig(robot=RobotConfig(wheel_noise=0.0), reset_on_off_track=False)
     world = SimWorld(exact, seed=2)
-    calm = _Disturbance(RecordConfig(disturb_rate=0.0), world, seed=1)
+    calm = Disturbance(RecordConfig(disturb_rate=0.0), world, seed=1)
     assert all(calm.motion(c) == c for c in (1, 2, 3) for _ in range(20))
-    shaky = _Disturbance(RecordConfig(disturb_rate=0.9, disturb_frames=3), world, seed=1)
+    shaky = Disturbance(RecordConfig(disturb_rate=0.9, disturb_frames=3), world, seed=1)
     disturbed = 0
     for _ in range(30):
         before = world.pose
         expert = world.expert_action()
-        _, command = _expert_step(world, shaky)
+        _, command = expert_step(world, shaky)
         assert command == expert  # what the bag records: the expert's command
         moved = [
             integrate(before, a.linear_x, a.angular_z, world.config.dt)

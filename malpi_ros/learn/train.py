@@ -181,13 +181,13 @@ def normalize_once(episodes: Sequence[Episode], train_cfg: TrainConfig) -> tuple
     """Whether ``episodes``' frames are normalized once for the run (their float32 copy fits
     in ``normalized_frames_gib`` and half the available memory), and a note that says why."""
     needed = normalized_bytes(episodes)
-    budget = min(train_cfg.normalized_frames_gib * GIB, available_memory() / 2)
-    if needed <= budget:
+    available = available_memory()  # read once: the note gives the figure decided on
+    if needed <= min(train_cfg.normalized_frames_gib * GIB, available / 2):
         return True, f'frames normalized once for the run: {needed / GIB:.2f} GiB of float32'
     return False, (
         f'frames normalized per batch: their float32 copy ({needed / GIB:.2f} GiB) is over '
         f'normalized_frames_gib ({train_cfg.normalized_frames_gib:g}) or half the available '
-        f'memory ({available_memory() / GIB:.1f} GiB)'
+        f'memory ({available / GIB:.1f} GiB)'
     )
 
 

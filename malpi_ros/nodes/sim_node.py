@@ -186,8 +186,9 @@ def progress_report(
     """The ``~/progress`` JSON object.
 
     Keys: ``time`` (sim s since the last reset), ``steps``, ``laps``, ``off_track_events``,
-    ``off_track_at_fork`` (those of them that began in the fork), ``forks``, ``forks_correct``, ``distance`` (m), ``mean_speed`` (distance / time, m/s),
-    ``pose`` ([x, y, theta]), ``lap_s`` (m along the loop), ``cue`` (this lap's),
+    ``off_track_at_fork`` (those of them that began in the fork), ``forks``, ``forks_correct``,
+    ``distance`` (m), ``mean_speed`` (distance / time, m/s), ``pose`` ([x, y, theta]),
+    ``lap_s`` (m along the loop), ``cue`` (this lap's),
     ``decisions`` ([{lap, cue, branch, correct, time, at}] - one per fork passed, ``at`` the
     [x, y] where it was read off, when known), ``lap_times``
     (sim s at each lap completed), ``off_track_at`` ([[x, y]], at most the last 200),

@@ -228,7 +228,7 @@ def twist_cdr(store: Any, linear: float, angular: float) -> bytes:
     return bytes(store.serialize_cdr(msg, TWIST_TYPE))
 
 
-class _Disturbance:
+class Disturbance:
     """Decides, per frame, whether the wheels misbehave and how they move instead (seeded)."""
 
     def __init__(self, config: RecordConfig, world: SimWorld, seed: int) -> None:
@@ -355,7 +355,7 @@ def _drive_episode(
     bag stores them; at most ``room`` frames (a lap episode stops there, mid-lap)."""
     seed = config.seed * 1000 + episode
     world.reset(seed)
-    disturbance = _Disturbance(config, world, seed)
+    disturbance = Disturbance(config, world, seed)
     frames: list[tuple[np.ndarray, int]] = []
 
     def full() -> bool:
@@ -406,7 +406,7 @@ def record_supervised(
     return RecordResult(out, tape.frames, tape.frames * sim.dt, (summary,))
 
 
-def _expert_step(world: SimWorld, disturbance: _Disturbance) -> tuple[np.ndarray, int]:
+def expert_step(world: SimWorld, disturbance: Disturbance) -> tuple[np.ndarray, int]:
     """Render, let the expert command, move (disturbed or not); the frame and the command."""
     frame = world.render()
     command = world.expert_action()
@@ -420,7 +420,7 @@ Keep = Callable[[np.ndarray, int], None]
 def _laps(
     world: SimWorld,
     out: Path,
-    disturbance: _Disturbance,
+    disturbance: Disturbance,
     config: RecordConfig,
     episode: int,
     keep: Keep,
@@ -430,7 +430,7 @@ def _laps(
     for _ in range(limit):
         if world.laps >= config.laps or full():
             return
-        keep(*_expert_step(world, disturbance))
+        keep(*expert_step(world, disturbance))
     raise BagError(
         f'{out}: episode {episode} did not finish {config.laps} laps in '
         f'{config.laps * config.max_lap_time:.0f} s of sim time ({world.summary()})'
@@ -440,7 +440,7 @@ def _laps(
 def _segment(
     world: SimWorld,
     out: Path,
-    disturbance: _Disturbance,
+    disturbance: Disturbance,
     config: RecordConfig,
     seed: int,
     episode: int,
@@ -463,7 +463,7 @@ def _segment(
         if world.progress < render_from:
             world.step(disturbance.motion(world.expert_action()))
         else:
-            buffer.append(_expert_step(world, disturbance))
+            buffer.append(expert_step(world, disturbance))
     if world.laps > 0 or len(buffer) < config.segment_frames:
         raise BagError(
             f'{out}: segment {episode} did not reach the fork with '
