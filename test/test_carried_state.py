@@ -254,10 +254,10 @@ def test_a_drive_of_drive_frames_stays_in_one_gradient_with_either_state():
     carried = DatasetConfig(state='carried', burn_in=10, seq_len=32)
     assert carried.drive_frames == 32
     for seed in range(5):
-        plan = chunk_plan([carried.drive_frames], 32, 1, np.random.default_rng(seed))
-        assert plan[:, 0, PLAN_LENGTH].tolist() == [32]
+        plan = chunk_plan([carried.drive_frames], carried.seq_len, 1, np.random.default_rng(seed))
+        assert plan[:, 0, PLAN_LENGTH].tolist() == [carried.drive_frames]
     # One frame more and it is cut in two: the gradient from its end stops at the cut.
-    plan = chunk_plan([33], 32, 1, np.random.default_rng(0))
+    plan = chunk_plan([carried.drive_frames + 1], carried.seq_len, 1, np.random.default_rng(0))
     assert len([n for n in plan[:, 0, PLAN_LENGTH] if n]) == 2
 
 

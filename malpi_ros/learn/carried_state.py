@@ -116,8 +116,8 @@ def over_chunks(
     return results
 
 
-# Input per call of ``predict_episodes`` at most (float32 frames): 64 rows of 256 frames of
-# 30x40x3, 5 rows of 120x120x3.
+# Input per call of ``predict_episodes`` at most (float32 frames): 72 rows of 256 frames of
+# 30x40x3, 6 rows of 120x120x3.
 PREDICT_BYTES = 256 * 2**20
 
 
